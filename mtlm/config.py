@@ -1,0 +1,267 @@
+"""Typed config schemas and the up-front semantic checks.
+
+The schemas are dataclasses stored in Hydra's ConfigStore as `base_config`; `conf/config.yaml` names it first
+in its defaults list, so a misspelled key or a wrong type is rejected by Hydra at compose time. Everything a
+type cannot express (divisibility, ranges, files that must exist) is checked by `validate()` before any
+process is spawned or any tensor is allocated, and each failure is one line that names the key.
+
+The config tree mirrors the code: `model` feeds mtlm/model, `parallel` feeds mtlm/parallel, `data` feeds
+mtlm/data, `optimizer`/`scheduler`/`precision`/`trainer`/`checkpoint` feed mtlm/train, `logger` feeds
+mtlm/metrics/sinks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A bad config value. `str(err)` is the one line shown to the user."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    seq_length: int = 1024
+    max_position_embeddings: int = 1024
+    # None: take the tokenizer's vocabulary. Padded up by `make_vocab_size_divisible_by` x tensor (§3).
+    vocab_size: int | None = None
+    make_vocab_size_divisible_by: int = 128
+    dropout: float = 0.1
+    init_std: float = 0.02
+    layernorm_eps: float = 1e-5
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    data: int = 1
+    # auto: nccl when training on CUDA, gloo on CPU.
+    backend: str = "auto"
+    # Collective timeout. Tests set a few seconds so a hang fails fast instead of after 30 minutes.
+    timeout_s: float = 600.0
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 6e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    _target_: str = "mtlm.train.schedule.warmup_decay_scheduler"
+    _partial_: bool = True
+    decay: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    # None: decay over trainer.max_steps.
+    decay_steps: int | None = None
+    min_lr: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    # Empty: the built-in corpus (the English text of Python's pydoc_data.topics).
+    paths: list[str] = field(default_factory=list)
+    text_key: str = "text"
+    # Path of a sentencepiece .model; None trains a BPE tokenizer on the corpus and caches it.
+    tokenizer: str | None = None
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    cache_dir: str = "~/.cache/mtlm"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "mtlm"
+    group: str | None = None
+    run_name: str | None = None
+    # None: WANDB_MODE from the environment, else offline. W&B never needs an account by default.
+    mode: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    # Dynamic loss scaling, fp16 only (§4: fp16 with dynamic loss scaling).
+    initial_scale: float = 65536.0
+    growth_interval: int = 1000
+    min_scale: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_iters: int = 4
+    grad_clip: float = 1.0
+    device: str = "auto"  # auto | cpu | cuda
+    # None: all cores for one process, an equal share per rank when several share a machine.
+    num_threads: int | None = None
+    # Steps left out of the tokens/s and TFLOP/s averages in summary.json (allocator and cache warm-up).
+    timing_warmup_steps: int = 3
+    activation_checkpointing: bool = False
+    compile: bool = False
+    max_restarts: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Semantic checks. Each raises ConfigError naming the key; validate() runs them all before anything heavy.
+
+
+def _positive(cfg: Any, key: str) -> None:
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+def validate(cfg: Any, world_size: int | None = None) -> None:
+    """Check everything a type cannot. `world_size` is the number of ranks a launcher provides, if any."""
+    m, p, t = cfg.model, cfg.parallel, cfg.trainer
+    for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
+                "model.max_position_embeddings", "parallel.tensor", "parallel.data", "trainer.max_steps",
+                "trainer.micro_batch_size", "trainer.global_batch_size", "trainer.log_interval",
+                "trainer.eval_interval", "trainer.eval_iters", "model.make_vocab_size_divisible_by"):
+        _positive(cfg, key)
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError("model.hidden_size", f"{m.hidden_size} is not divisible by "
+                          f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % p.tensor:
+        raise ConfigError("parallel.tensor", f"{p.tensor} does not divide model.num_attention_heads="
+                          f"{m.num_attention_heads} (each rank owns whole heads, §3)")
+    if m.seq_length > m.max_position_embeddings:
+        raise ConfigError("model.seq_length", f"{m.seq_length} exceeds model.max_position_embeddings="
+                          f"{m.max_position_embeddings}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if m.vocab_size is not None and m.vocab_size <= 0:
+        raise ConfigError("model.vocab_size", f"must be > 0 or null, got {m.vocab_size}")
+    if t.global_batch_size % (t.micro_batch_size * p.data):
+        raise ConfigError("trainer.global_batch_size", f"{t.global_batch_size} is not divisible by "
+                          f"trainer.micro_batch_size x parallel.data = {t.micro_batch_size} x {p.data}")
+    if t.grad_clip < 0:
+        raise ConfigError("trainer.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("trainer.device", f"must be auto, cpu or cuda, got {t.device!r}")
+    if t.num_threads is not None and t.num_threads <= 0:
+        raise ConfigError("trainer.num_threads", f"must be > 0 or null, got {t.num_threads}")
+    if t.max_restarts < 0:
+        raise ConfigError("trainer.max_restarts", f"must be >= 0, got {t.max_restarts}")
+    if p.backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError("parallel.backend", f"must be auto, gloo or nccl, got {p.backend!r}")
+    if p.timeout_s <= 0:
+        raise ConfigError("parallel.timeout_s", f"must be > 0, got {p.timeout_s}")
+    _validate_optim(cfg)
+    _validate_precision(cfg)
+    if cfg.logger.name not in ("wandb", "none"):
+        raise ConfigError("logger.name", f"must be wandb or none, got {cfg.logger.name!r}")
+    _validate_layout(cfg, world_size)
+
+    from mtlm.data import DataError, validate_data_config
+
+    try:
+        validate_data_config(cfg.data)
+    except DataError as err:
+        raise ConfigError(str(err).split(":", 1)[0], str(err).split(":", 1)[-1].strip()) from None
+
+
+def _validate_optim(cfg: Any) -> None:
+    o, s = cfg.optimizer, cfg.scheduler
+    if o.lr <= 0:
+        raise ConfigError("optimizer.lr", f"must be > 0, got {o.lr}")
+    if o.weight_decay < 0:
+        raise ConfigError("optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if s.decay not in ("cosine", "linear", "constant"):
+        raise ConfigError("scheduler.decay", f"must be cosine, linear or constant, got {s.decay!r}")
+    if s.warmup_steps < 0:
+        raise ConfigError("scheduler.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+    if s.decay_steps is not None and s.decay_steps <= 0:
+        raise ConfigError("scheduler.decay_steps", f"must be > 0 or null, got {s.decay_steps}")
+    if not 0.0 <= s.min_lr <= o.lr:
+        raise ConfigError("scheduler.min_lr", f"must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
+
+
+def _validate_precision(cfg: Any) -> None:
+    pr = cfg.precision
+    if pr.dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError("precision.dtype", f"must be fp32, bf16 or fp16, got {pr.dtype!r}")
+    if pr.initial_scale <= 0 or pr.min_scale <= 0 or pr.min_scale > pr.initial_scale:
+        raise ConfigError("precision.initial_scale", "need 0 < precision.min_scale <= precision.initial_scale")
+    if pr.growth_interval <= 0:
+        raise ConfigError("precision.growth_interval", f"must be > 0, got {pr.growth_interval}")
+
+
+def _validate_layout(cfg: Any, world_size: int | None) -> None:
+    """The rank layout: world = tensor x data, and on GPUs no more local ranks than devices."""
+    p = cfg.parallel
+    needed = p.tensor * p.data
+    if world_size is not None and world_size != needed:
+        raise ConfigError("parallel.data", f"the launcher started {world_size} ranks but parallel.tensor x "
+                          f"parallel.data = {p.tensor} x {p.data} = {needed}")
+    import torch
+
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", "cuda requested but no CUDA device is visible")
+    if _uses_cuda(cfg) and world_size is None and needed > torch.cuda.device_count():
+        raise ConfigError("parallel.tensor", f"{needed} ranks (tensor x data) need {needed} GPUs on this "
+                          f"machine but {torch.cuda.device_count()} are visible")
+    if p.backend == "nccl" and not _uses_cuda(cfg):
+        raise ConfigError("parallel.backend", "nccl needs CUDA devices; use gloo (or auto) on CPU")
+
+
+def _uses_cuda(cfg: Any) -> bool:
+    import torch
+
+    if cfg.trainer.device == "cpu":
+        return False
+    return torch.cuda.is_available()
+
+
+def env_world_size() -> int | None:
+    """The world size a launcher (torchrun, SLURM) set up for us, or None when we launch ranks ourselves."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return None

@@ -1,0 +1,3 @@
+from mtlm.model.gpt import GPT, num_parameters
+
+__all__ = ["GPT", "num_parameters"]

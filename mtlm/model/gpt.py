@@ -1,0 +1,157 @@
+"""GPT-2, built from the tensor-parallel layers of mtlm.parallel.
+
+Pre-LN blocks, learned absolute positions, GeLU (tanh), 4h MLP, tied input/output embeddings, biases on all
+linear layers, layer norm eps 1e-5 (paper, GPT-2 architecture details). At tensor degree t each rank holds
+1/t of the attention heads, of the MLP columns/rows and of the vocabulary; layer norms, position embeddings
+and the residual stream are replicated (§3: cheaper to duplicate than to communicate).
+
+No launching, no logging: the model only needs a ParallelState.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtlm.parallel.checkpoint import checkpoint_block
+from mtlm.parallel.cross_entropy import mask_padded_logits_, vocab_parallel_cross_entropy
+from mtlm.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    init_sharded_,
+    pad_vocab_size,
+)
+from mtlm.parallel.mappings import copy_to_tensor_region
+from mtlm.parallel.random import tensor_region_rng
+from mtlm.parallel.state import ParallelState
+
+
+def num_parameters(num_layers: int, hidden: int, padded_vocab: int, max_positions: int) -> int:
+    """Exact parameter count (the paper's ~12*L*h^2 + (V+s)*h, plus biases and layer norms).
+
+    Per layer: qkv 3h^2+3h, attention out h^2+h, MLP 4h^2+4h and 4h^2+h, two layer norms 4h.
+    """
+    per_layer = 12 * hidden * hidden + 13 * hidden
+    return num_layers * per_layer + (padded_vocab + max_positions) * hidden + 2 * hidden
+
+
+def _replicated(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.partition_dim = None
+    return module
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Any, state: ParallelState, device=None, dtype=None) -> None:
+        super().__init__()
+        h, heads = cfg.hidden_size, cfg.num_attention_heads
+        self.local_heads = heads // state.tensor  # §3: each rank owns whole heads
+        self.head_dim = h // heads
+        self.dropout = cfg.dropout
+        self.device = state.device
+        # Output rows are grouped by head ([head][q,k,v][head_dim]), so a rank's contiguous slice holds whole
+        # heads, and a checkpoint shard for another tensor degree is again a contiguous slice.
+        self.qkv = ColumnParallelLinear(h, 3 * h, state, device=device, dtype=dtype)
+        self.proj = RowParallelLinear(h, h, state, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
+        p = self.dropout if self.training else 0.0
+        if p > 0:
+            # Attention dropout is inside the parallel region: masks must differ per tensor rank.
+            with tensor_region_rng(self.device):
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Any, state: ParallelState, device=None, dtype=None) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.fc = ColumnParallelLinear(h, 4 * h, state, device=device, dtype=dtype)
+        self.proj = RowParallelLinear(4 * h, h, state, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # §3: GeLU on each rank's own column slice, no synchronisation needed before the row-parallel GEMM.
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Any, state: ParallelState, device=None, dtype=None) -> None:
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.layernorm_eps
+        self.ln1 = _replicated(nn.LayerNorm(h, eps=eps, device=device, dtype=dtype))
+        self.attn = Attention(cfg, state, device, dtype)
+        self.ln2 = _replicated(nn.LayerNorm(h, eps=eps, device=device, dtype=dtype))
+        self.mlp = MLP(cfg, state, device, dtype)
+        # Residual dropout acts on the replicated stream: default RNG, identical across the tensor group.
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.cfg, self.state = cfg, state
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = pad_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, state.tensor)
+        self.activation_checkpointing = activation_checkpointing
+        h = cfg.hidden_size
+        self.wte = VocabParallelEmbedding(self.padded_vocab_size, h, state, device=device, dtype=dtype)
+        self.wpe = _replicated(nn.Embedding(cfg.max_position_embeddings, h, device=device, dtype=dtype))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, state, device, dtype) for _ in range(cfg.num_layers))
+        self.ln_f = _replicated(nn.LayerNorm(h, eps=cfg.layernorm_eps, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """§4: N(0, 0.02); the two layers feeding each residual add scaled by 1/sqrt(2N); biases 0, LN 1."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
+        t, r = self.state.tensor, self.state.tp_rank
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".ln" in name or name.startswith("ln_f"):
+                p.fill_(1.0)
+            elif name == "wte.weight":
+                init_sharded_(p, name, seed, std, r, t, full_rows=self.vocab_size)
+            else:
+                s = residual_std if name.endswith("proj.weight") else std
+                init_sharded_(p, name, seed, s, r, t)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of this rank's vocabulary slice [b, s, padded_vocab/t] (padded entries are -inf), or,
+        given targets, the per-token loss [b, s] from the fused vocab-parallel cross-entropy."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.drop(self.wte(ids) + self.wpe(positions))
+        for block in self.blocks:
+            x = checkpoint_block(block, x, self.state.device) if self.activation_checkpointing and \
+                self.training else block(x)
+        x = self.ln_f(x)
+        # Tied output layer: the embedding's vocabulary shard, so the logits come out split by vocabulary.
+        logits = F.linear(copy_to_tensor_region(x, self.state.tp_group), self.wte.weight)
+        mask_padded_logits_(logits, self.wte.vocab_start, self.vocab_size)
+        if targets is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, targets, self.wte.vocab_start, self.state.tp_group)
+
+    def num_parameters(self) -> int:
+        """Whole-model count (all tensor ranks together), padded vocabulary included."""
+        c = self.cfg
+        return num_parameters(c.num_layers, c.hidden_size, self.padded_vocab_size, c.max_position_embeddings)

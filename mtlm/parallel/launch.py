@@ -1,0 +1,108 @@
+"""Starting the ranks: spawn them here, or join the ones torchrun / SLURM started.
+
+- `python train.py parallel.tensor=2 parallel.data=2`: one Hydra job spawns tensor x data ranks on this
+  machine (torch.multiprocessing), so there is one output dir and one W&B run however many ranks there are.
+- `torchrun --nproc-per-node N train.py ...`: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* are set; join them.
+- SLURM (srun, or hydra-submitit-launcher with tasks_per_node=N): SLURM_PROCID / SLURM_NTASKS /
+  SLURM_LOCALID; the master is the first host of the job's node list.
+
+A failure on any spawned rank stops the others (torch.multiprocessing terminates them) and its traceback is
+shown, so a crash never turns into a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    kind: str  # "local" (we spawn), "torchrun" or "slurm"
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if m is None:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def detect_rank_env(environ: Mapping[str, str]) -> RankEnv | None:
+    """The ranks an outside launcher started, or None when this process should spawn its own."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        world = int(environ["WORLD_SIZE"])
+        return RankEnv("torchrun", int(environ["RANK"]), world, int(environ.get("LOCAL_RANK", 0)),
+                       int(environ.get("LOCAL_WORLD_SIZE", world)), environ.get("MASTER_ADDR"),
+                       int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None)
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", "localhost")
+        job_id = int(environ.get("SLURM_JOB_ID", "0"))
+        return RankEnv("slurm", int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
+                       int(environ.get("SLURM_LOCALID", 0)),
+                       int(environ.get("SLURM_NTASKS_PER_NODE", environ["SLURM_NTASKS"]).split("(")[0]),
+                       environ.get("MASTER_ADDR", first_slurm_host(nodelist)),
+                       int(environ.get("MASTER_PORT", 20000 + job_id % 20000)))
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def threads_per_rank(local_world_size: int, requested: int | None) -> int:
+    """Each rank gets its share of the cores, so N ranks on N cores do not oversubscribe."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_world_size)
+
+
+def _spawned_entry(local_rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(RankEnv("local", local_rank, world, local_rank, world, "127.0.0.1", port), *args)
+
+
+def launch(fn: Callable[..., Any], world_size: int, args: tuple = ()) -> None:
+    """Run fn(rank_env, *args) on every rank: in this process, in spawned processes, or as an outside rank.
+
+    `args` must be picklable (pass plain containers, not DictConfig) when ranks are spawned.
+    """
+    env = detect_rank_env(os.environ)
+    if env is not None:
+        if env.master_addr is not None:
+            os.environ.setdefault("MASTER_ADDR", env.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        fn(env, *args)
+    elif world_size == 1:
+        fn(RankEnv("local", 0, 1, 0, 1), *args)
+    else:
+        # "spawn", not "fork": the parent has already run torch / sentencepiece thread pools.
+        mp.start_processes(_spawned_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                           join=True, start_method="spawn")
+
+
+def rank_device(cfg_device: str, local_rank: int) -> torch.device:
+    if cfg_device == "cpu" or (cfg_device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)

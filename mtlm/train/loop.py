@@ -1,0 +1,195 @@
+"""The training loop of one rank: batch -> forward -> vocab-parallel loss -> backward -> clip -> step.
+
+Batches: the global batch of step k is samples [k*G, (k+1)*G) of the dataset's endless, seeded stream; data
+rank r reads the contiguous slice [k*G + r*G/d, k*G + (r+1)*G/d), in micro-batches. Every layout therefore
+sees the same global batches in the same order, and the data position is one global sample count.
+
+The loss of a step is the token mean over the whole global batch: each rank divides its token-loss sum by
+its share of the global tokens, micro-batch losses add up, and DDP averages over data ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from torch.nn.parallel import DistributedDataParallel
+
+from mtlm.data import build_data
+from mtlm.metrics.flops import model_flops_per_iteration, peak_tflops
+from mtlm.metrics.sinks import MetricsLogger, build_logger
+from mtlm.model.gpt import GPT
+from mtlm.parallel.random import seed_streams
+from mtlm.parallel.state import ParallelState
+from mtlm.train.optim import build_optimizer, clip_grad_norm_
+from mtlm.train.precision import build_precision
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _mean_over_data(value: torch.Tensor, state: ParallelState) -> float:
+    if state.dp_group is not None:
+        dist.all_reduce(value, group=state.dp_group)
+        value = value / state.data
+    return value.item()
+
+
+class Trainer:
+    def __init__(self, cfg: Any, state: ParallelState, out_dir: str | None, run_config: dict) -> None:
+        self.cfg, self.state = cfg, state
+        t = cfg.trainer
+        self.micro_steps = t.global_batch_size // (t.micro_batch_size * state.data)
+        self.rank_batch = t.global_batch_size // state.data
+        self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
+
+        seed_streams(t.seed, state.tp_rank, state.device)
+        self.data = build_data(cfg.data, cfg.model.seq_length, t.seed)
+        vocab = cfg.model.vocab_size or self.data.tokenizer.vocab_size
+        self.model = GPT(cfg.model, vocab, state, device=state.device,
+                         activation_checkpointing=t.activation_checkpointing)
+        self.model.init_weights(t.seed)
+        self.params = list(self.model.parameters())
+        self.ddp = None
+        if state.dp_group is not None:
+            self.ddp = DistributedDataParallel(
+                self.model, process_group=state.dp_group, broadcast_buffers=False,
+                device_ids=[state.device] if state.device.type == "cuda" else None)
+        self.forward = self.ddp if self.ddp is not None else self.model
+        self.optimizer = build_optimizer(self.model, instantiate(cfg.optimizer, _convert_="all"),
+                                         cfg.optimizer.weight_decay)
+        self.scheduler = instantiate(cfg.scheduler)(optimizer=self.optimizer, max_steps=t.max_steps)
+        self.precision = build_precision(cfg.precision, state.device)
+        self.flops_per_step = model_flops_per_iteration(t.global_batch_size, cfg.model.seq_length,
+                                                        cfg.model.num_layers, cfg.model.hidden_size,
+                                                        self.model.padded_vocab_size)
+        self.step = 0
+        self.logger: MetricsLogger | None = None
+        if state.is_main and out_dir is not None:
+            self.logger = build_logger(cfg.logger, run_config, out_dir)
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def _rank_slice(self, dataset, global_start: int, global_count: int):
+        """This data rank's contiguous share of the global samples [global_start, +global_count)."""
+        per_rank = global_count // self.state.data
+        return dataset.get_batch(global_start + self.state.dp_rank * per_rank, per_rank)
+
+    def _split(self, batch: torch.Tensor):
+        batch = batch.to(self.state.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]
+
+    # ---- one optimizer step -----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        self.model.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        rank_batch = self._rank_slice(self.data.train, self.step * t.global_batch_size, t.global_batch_size)
+        rank_tokens = rank_batch.shape[0] * self.cfg.model.seq_length
+        loss_sum = torch.zeros((), device=self.state.device)
+        for m, micro in enumerate(rank_batch.split(t.micro_batch_size)):
+            x, y = self._split(micro)
+            last = m == self.micro_steps - 1
+            no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with no_sync:
+                with self.precision.autocast():
+                    loss = self.forward(x, y).sum() / rank_tokens
+                self.precision.scale_loss(loss).backward()
+            loss_sum += loss.detach().float()
+        skipped = self.precision.unscale_and_check(self.params, self.optimizer.param_groups)
+        grad_norm = clip_grad_norm_(self.params, t.grad_clip, self.state) if not skipped else float("nan")
+        if not skipped:
+            self.optimizer.step()
+        self.precision.update(skipped)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": _mean_over_data(loss_sum, self.state), "lr": lr, "grad_norm": grad_norm,
+                **self.precision.metrics()}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.trainer
+        self.model.eval()
+        total = torch.zeros((), device=self.state.device)
+        per_iter = t.micro_batch_size * self.state.data
+        for i in range(t.eval_iters):
+            x, y = self._split(self._rank_slice(self.data.val, i * per_iter, per_iter))
+            with self.precision.autocast():
+                total += self.model(x, y).float().mean()
+        return _mean_over_data(total / t.eval_iters, self.state)
+
+    # ---- the run ----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        timed_steps, timed_s = 0, 0.0
+        val_loss = self.evaluate()
+        self._log(0, {"val_loss": val_loss})
+        metrics: dict[str, float] = {}
+        while self.step < t.max_steps:
+            _sync(self.state.device)
+            start = time.perf_counter()
+            metrics = self.train_step()
+            _sync(self.state.device)
+            elapsed = time.perf_counter() - start
+            if self.step > t.timing_warmup_steps or t.max_steps <= t.timing_warmup_steps:
+                timed_steps, timed_s = timed_steps + 1, timed_s + elapsed
+            metrics["tokens_per_s"] = self.tokens_per_step / elapsed
+            metrics["tflops_per_device"] = self.flops_per_step / elapsed / self.state.world_size / 1e12
+            metrics["step_time_s"] = elapsed
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
+            if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                val_loss = metrics["val_loss"] = self.evaluate()
+            if self.step % t.log_interval == 0 or self.step == t.max_steps or "val_loss" in metrics:
+                self._log(self.step, metrics)
+        return self._summary(metrics, val_loss, timed_steps, timed_s)
+
+    def _summary(self, metrics: dict, val_loss: float, timed_steps: int, timed_s: float) -> dict[str, Any]:
+        c = self.cfg
+        step_time = timed_s / max(timed_steps, 1)
+        tflops = self.flops_per_step / step_time / self.state.world_size / 1e12
+        threads = torch.get_num_threads()
+        peak, peak_source = (None, "skipped") if not self.state.is_main else \
+            peak_tflops(self.state.device, threads, torch.float32 if c.precision.dtype == "fp32" else
+                        {"bf16": torch.bfloat16, "fp16": torch.float16}[c.precision.dtype])
+        return {
+            "status": "ok", "model": c.model.name, "num_params": self.model.num_parameters(),
+            "padded_vocab_size": self.model.padded_vocab_size, "vocab_size": self.model.vocab_size,
+            "tensor": self.state.tensor, "data": self.state.data, "world_size": self.state.world_size,
+            "devices": self.state.world_size, "device_type": self.state.device.type,
+            "threads_per_rank": threads, "precision": c.precision.dtype,
+            "steps": self.step, "global_batch_size": c.trainer.global_batch_size,
+            "seq_length": c.model.seq_length, "train_loss": metrics.get("loss"), "val_loss": val_loss,
+            "timed_steps": timed_steps, "step_time_s": step_time,
+            "tokens_per_s": self.tokens_per_step / step_time, "flops_per_step": self.flops_per_step,
+            "tflops_per_device": tflops, "pflops": tflops * self.state.world_size / 1e3,
+            "peak_tflops_per_device": peak, "peak_source": peak_source,
+            "mfu": tflops / peak if peak else None,
+        }
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            self.logger.log(step, metrics)
+
+
+def train(cfg: Any, state: ParallelState, out_dir: str | None, run_config: dict) -> dict[str, Any] | None:
+    """Train on this rank; rank 0 writes metrics.jsonl / summary.json / W&B into out_dir."""
+    trainer = None
+    status = "failed"
+    try:
+        trainer = Trainer(cfg, state, out_dir, run_config)
+        summary = trainer.fit()
+        if trainer.logger is not None:
+            trainer.logger.summary(summary)
+        status = "ok"
+        return summary
+    finally:
+        if trainer is not None and trainer.logger is not None:
+            trainer.logger.close(status)

@@ -1,0 +1,61 @@
+"""Optimizer parameter groups and the tensor-parallel-aware gradient clipping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtlm.parallel.state import ParallelState
+
+
+def build_optimizer(model: nn.Module, factory: Callable[..., torch.optim.Optimizer],
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """Weight decay on matrices (linear weights, embeddings), none on biases and layer-norm gains.
+
+    `factory` is `hydra.utils.instantiate(cfg.optimizer)`, a partial holding lr, betas, eps, ...
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return factory(params=groups)
+
+
+@torch.no_grad()
+def global_grad_norm(params: list[nn.Parameter], state: ParallelState) -> torch.Tensor:
+    """The gradient norm of the whole (unsharded) model.
+
+    Sharded parameters (partition_dim set) hold different slices on each tensor rank: their squares are
+    summed over the tensor group. Replicated ones hold identical copies: counted once, not t times.
+    Gradients are already averaged over data ranks by DDP, so no data-parallel reduction is needed.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [p.grad for p in params if p.grad is not None and getattr(p, "partition_dim", None) is not None]
+    sharded_ids = {id(g) for g in sharded}
+    replicated = [g for g in grads if id(g) not in sharded_ids]
+    dev = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros(2, device=dev, dtype=torch.float32)
+    if sharded:
+        sq[0] = torch.stack(torch._foreach_norm(sharded, 2.0)).float().pow(2).sum()
+    if replicated:
+        sq[1] = torch.stack(torch._foreach_norm(replicated, 2.0)).float().pow(2).sum()
+    if state.tp_group is not None:
+        shard_sq = sq[0:1].clone()
+        dist.all_reduce(shard_sq, group=state.tp_group)
+        sq[0] = shard_sq[0]
+    return sq.sum().sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, state: ParallelState) -> float:
+    """Scale gradients so the global norm is at most max_norm (0 disables); returns the norm before."""
+    norm = global_grad_norm(params, state)
+    value = norm.item()
+    if max_norm > 0 and math.isfinite(value) and value > max_norm:
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], max_norm / (value + 1e-6))
+    return value

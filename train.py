@@ -1,0 +1,39 @@
+"""Train a GPT-2 with tensor x data parallelism. `python train.py --help` lists the config groups.
+
+    python train.py                                   # gpt2_tiny on the built-in corpus, CPU, a few minutes
+    python train.py parallel.tensor=2 parallel.data=2 # spawns 4 ranks here (gloo on CPU, NCCL on GPUs)
+    torchrun --nproc-per-node 8 train.py model=gpt2_1.2b parallel.tensor=8 hydra.run.dir=outputs/x
+"""
+
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mtlm.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from mtlm.train import run
+
+    hydra_cfg = HydraConfig.get()
+    run(cfg, hydra_cfg.runtime.output_dir if hydra_cfg.output_subdir is not None else None)
+
+
+def _quiet_non_main_rank() -> None:
+    """Under torchrun / SLURM every rank runs this script. Only rank 0 may write Hydra's outputs: the others
+    get no output dir, no .hydra/ and no log file, so they never race rank 0 (hydra#2070)."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank != "0" and not any(a in ("-m", "--multirun") for a in sys.argv):
+        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null",
+                     "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+if __name__ == "__main__":
+    _quiet_non_main_rank()
+    main()
