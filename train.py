@@ -34,6 +34,20 @@ def _quiet_non_main_rank() -> None:
                      "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
+def _check_overrides() -> None:
+    """Bad keys, types and presets: one line and exit 2, instead of Hydra's multi-line report."""
+    args = sys.argv[1:]
+    if any(a.startswith("-") for a in args):  # --help, -m (sweep syntax), --cfg ...: leave to Hydra
+        return
+    from mtlm.config import compose_error
+
+    error = compose_error(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"), args)
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    _check_overrides()
     _quiet_non_main_rank()
     main()

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A bad config value. `str(err)` is the one line shown to the user."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"config error: {key}: {message}")
+        super().__init__(f"{key}: {message}")
         self.key = key
 
 
@@ -264,4 +264,35 @@ def env_world_size() -> int | None:
         return int(os.environ["WORLD_SIZE"])
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
         return int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def compose_error(config_dir: str, overrides: list[str]) -> str | None:
+    """Compose and validate the config the way train.py will; any complaint as one line (None if fine).
+
+    Hydra reports a bad override or unknown preset over several lines; users get this single line instead,
+    before Hydra makes an output dir or anything is launched.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=config_dir, job_name="check"):
+            cfg = compose(config_name="config", overrides=overrides)
+        validate(cfg, env_world_size())
+    except ConfigError as err:
+        return f"config error: {err}"
+    except (HydraException, OmegaConfBaseException) as err:
+        parts = [str(err)] + ([str(err.__cause__)] if err.__cause__ else [])
+        lines = [ln.strip() for part in parts for ln in part.splitlines() if ln.strip()]
+        if any(ln.startswith("Config search path") for ln in lines):
+            lines = lines[: next(i for i, ln in enumerate(lines) if ln.startswith("Config search path"))]
+        if any(ln.startswith("Available options") for ln in lines):
+            i = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+            lines = lines[:i] + [lines[i].rstrip(":").replace("Available", "available") + ": " +
+                                 ", ".join(lines[i + 1:])]
+        lines = [ln for ln in lines if not ln.startswith(("reference_type", "object_type", "Set the env"))]
+        return "config error: " + "; ".join(lines)
     return None

@@ -36,7 +36,7 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
         validate(cfg, env_world_size())
         prepare_data(cfg.data, cfg.model.seq_length)
     except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{'config' if isinstance(err, ConfigError) else 'data'} error: {err}", file=sys.stderr)
         sys.exit(2)
     cfg_dict: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # picklable for spawned ranks
     launch(_worker, cfg.parallel.tensor * cfg.parallel.data, (cfg_dict, out_dir))

@@ -160,7 +160,7 @@ class Trainer:
             peak_tflops(self.state.device, threads, torch.float32 if c.precision.dtype == "fp32" else
                         {"bf16": torch.bfloat16, "fp16": torch.float16}[c.precision.dtype])
         return {
-            "status": "ok", "model": c.model.name, "num_params": self.model.num_parameters(),
+            "model": c.model.name, "num_params": self.model.num_parameters(),
             "padded_vocab_size": self.model.padded_vocab_size, "vocab_size": self.model.vocab_size,
             "tensor": self.state.tensor, "data": self.state.data, "world_size": self.state.world_size,
             "devices": self.state.world_size, "device_type": self.state.device.type,
@@ -190,6 +190,10 @@ def train(cfg: Any, state: ParallelState, out_dir: str | None, run_config: dict)
             trainer.logger.summary(summary)
         status = "ok"
         return summary
+    except BaseException as err:
+        if trainer is not None and trainer.logger is not None:
+            trainer.logger.summary({"error": f"{type(err).__name__}: {err}", "steps": trainer.step})
+        raise
     finally:
         if trainer is not None and trainer.logger is not None:
             trainer.logger.close(status)
