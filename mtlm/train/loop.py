@@ -26,6 +26,7 @@ from mtlm.metrics.sinks import MetricsLogger, build_logger
 from mtlm.model.gpt import GPT
 from mtlm.parallel.random import seed_streams
 from mtlm.parallel.state import ParallelState
+from mtlm.train.faults import maybe_fail
 from mtlm.train.optim import build_optimizer, clip_grad_norm_
 from mtlm.train.precision import build_precision
 
@@ -143,6 +144,7 @@ class Trainer:
             metrics["tokens_per_s"] = self.tokens_per_step / elapsed
             metrics["tflops_per_device"] = self.flops_per_step / elapsed / self.state.world_size / 1e12
             metrics["step_time_s"] = elapsed
+            maybe_fail(self.state.rank, self.step)
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:

@@ -1,0 +1,28 @@
+"""Fault injection for tests of crash handling (a rank dying mid-run). Off unless the env var is set.
+
+MTLM_FAIL_AT_STEP="RANK:STEP" makes that rank raise right after finishing STEP. With MTLM_FAIL_ONCE_FILE set,
+the failure fires only while that file does not exist (and creates it), so a restarted run goes through.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+def maybe_fail(rank: int, step: int) -> None:
+    spec = os.environ.get("MTLM_FAIL_AT_STEP")
+    if not spec:
+        return
+    fail_rank, fail_step = (int(x) for x in spec.split(":"))
+    if (rank, step) != (fail_rank, fail_step):
+        return
+    once = os.environ.get("MTLM_FAIL_ONCE_FILE")
+    if once:
+        if os.path.exists(once):
+            return
+        open(once, "w").close()
+    raise InjectedFailure(f"injected failure on rank {rank} after step {step} (MTLM_FAIL_AT_STEP)")
