@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -58,7 +58,7 @@ class ParallelConfig:
 class OptimizerConfig:
     _target_: str = "torch.optim.AdamW"
     _partial_: bool = True
-    lr: float = 6e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -123,8 +123,22 @@ class TrainerConfig:
     # Steps left out of the tokens/s and TFLOP/s averages in summary.json (allocator and cache warm-up).
     timing_warmup_steps: int = 3
     activation_checkpointing: bool = False
+    # Shard Adam's state over the data-parallel group (ZeRO stage 1, torch's ZeroRedundancyOptimizer).
+    # At parallel.data=1 there is nothing to shard over: accepted and a no-op, so sweeps can leave it on.
+    shard_optimizer: bool = False
     compile: bool = False
     max_restarts: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    # A stable folder named after the model, relative to the launch dir (not Hydra's timestamped run dir), so
+    # a later invocation finds it. One folder holds one run's timeline: a fresh run replaces what is there.
+    dir: str = "checkpoints/${model.name}"
+    save: bool = True
+    interval: int = 0  # save every `interval` steps; 0: only at the end. The end of a run always saves.
+    keep: int = 2  # the newest `keep` checkpoints stay on disk
+    resume: str = "none"  # none | auto (the latest in `dir`, if any) | a checkpoint path
 
 
 @dataclass
@@ -137,10 +151,25 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("mtlm.sweep_group", _sweep_group, replace=True)
+
+
+def _sweep_group() -> str | None:
+    """`${mtlm.sweep_group:}`, logger.group's default: in a multirun the sweep dir's last two parts (W&B then
+    groups the sweep's jobs, and mtlm/report.py adds its report run to that group); None in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    from mtlm.report import sweep_group_name
+
+    return sweep_group_name(HydraConfig.get().sweep.dir)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -192,6 +221,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         raise ConfigError("parallel.timeout_s", f"must be > 0, got {p.timeout_s}")
     _validate_optim(cfg)
     _validate_precision(cfg)
+    _validate_checkpoint(cfg)
     if cfg.logger.name not in ("wandb", "none"):
         raise ConfigError("logger.name", f"must be wandb or none, got {cfg.logger.name!r}")
     _validate_layout(cfg, world_size)
@@ -230,6 +260,18 @@ def _validate_precision(cfg: Any) -> None:
         raise ConfigError("precision.initial_scale", "need 0 < precision.min_scale <= precision.initial_scale")
     if pr.growth_interval <= 0:
         raise ConfigError("precision.growth_interval", f"must be > 0, got {pr.growth_interval}")
+
+
+def _validate_checkpoint(cfg: Any) -> None:
+    c = cfg.checkpoint
+    if not c.dir:
+        raise ConfigError("checkpoint.dir", "must be a non-empty path")
+    if c.interval < 0:
+        raise ConfigError("checkpoint.interval", f"must be >= 0 (0: save only at the end), got {c.interval}")
+    if c.keep < 1:
+        raise ConfigError("checkpoint.keep", f"must be >= 1, got {c.keep}")
+    if not c.resume:
+        raise ConfigError("checkpoint.resume", "must be none, auto or a checkpoint path")
 
 
 def _validate_layout(cfg: Any, world_size: int | None) -> None:

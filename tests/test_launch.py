@@ -1,0 +1,81 @@
+"""Launch environments (torchrun, SLURM, local), the rank grid of Fig. 8, thread shares, and layout checks
+that must fail before anything is spawned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mtlm.config import ConfigError, validate
+from mtlm.parallel.launch import detect_rank_env, first_slurm_host, threads_per_rank
+from mtlm.parallel.state import data_group_ranks, tensor_group_ranks
+from tests.test_config import _compose
+
+
+def test_rank_grid_is_figure_8() -> None:
+    # 16 ranks, TP=8: tensor groups [0..7], [8..15]; data groups [0,8], [1,9], ...
+    assert tensor_group_ranks(16, 8) == [list(range(8)), list(range(8, 16))]
+    assert data_group_ranks(16, 8) == [[i, i + 8] for i in range(8)]
+    assert tensor_group_ranks(4, 2) == [[0, 1], [2, 3]] and data_group_ranks(4, 2) == [[0, 2], [1, 3]]
+
+
+def test_no_outside_launcher() -> None:
+    assert detect_rank_env({}) is None
+    assert detect_rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # one task: we spawn
+
+
+def test_torchrun_environment() -> None:
+    env = detect_rank_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                           "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"})
+    assert (env.kind, env.rank, env.world_size, env.local_rank, env.local_world_size) == ("torchrun", 3, 8, 1, 2)
+    assert (env.master_addr, env.master_port) == ("10.1.2.3", 29500)
+
+
+def test_slurm_environment() -> None:
+    env = detect_rank_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                           "SLURM_NTASKS_PER_NODE": "8(x2)", "SLURM_JOB_NODELIST": "gpu[07-08]",
+                           "SLURM_JOB_ID": "123456"})
+    assert (env.kind, env.rank, env.world_size, env.local_rank, env.local_world_size) == ("slurm", 9, 16, 1, 8)
+    assert env.master_addr == "gpu07" and env.master_port == 20000 + 123456 % 20000
+
+
+@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a[3-5],b2", "a3"), ("gpu[12,15-16]", "gpu12"),
+                                            ("dgx-[001-064]", "dgx-001")])
+def test_first_slurm_host(nodelist: str, first: str) -> None:
+    assert first_slurm_host(nodelist) == first
+
+
+def test_threads_per_rank() -> None:
+    assert threads_per_rank(1, 3) == 3
+    cores = threads_per_rank(1, None)
+    assert cores >= 1 and threads_per_rank(cores, None) == 1 and threads_per_rank(4 * cores, None) == 1
+
+
+def test_more_ranks_than_gpus_fails_before_spawning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = _compose("parallel.tensor=2", "parallel.data=2")
+    with pytest.raises(ConfigError, match="4 ranks .* need 4 GPUs .* 2 are visible"):
+        validate(cfg)
+    validate(_compose("parallel.tensor=2"))  # 2 ranks on 2 GPUs is fine
+
+
+def test_nccl_needs_cuda() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(_compose("parallel.backend=nccl", "trainer.device=cpu"))
+    assert info.value.key == "parallel.backend"
+
+
+def test_slurm_launcher_config_composes() -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_config import CONF
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONF, job_name="test"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2"],
+                      return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert "SlurmLauncher" in launcher["_target_"]
+    assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == 8
