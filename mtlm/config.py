@@ -62,6 +62,9 @@ class OptimizerConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # One fused kernel for the whole update (CPU and CUDA, torch >= 2.4) instead of a Python loop over
+    # parameters. None: torch's own default (the loop on CPU, foreach on CUDA).
+    fused: bool | None = None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -13,17 +14,33 @@ from mtlm.parallel.state import ParallelState
 
 
 def build_optimizer(model: nn.Module, factory: Callable[..., torch.optim.Optimizer],
-                    weight_decay: float) -> torch.optim.Optimizer:
+                    weight_decay: float, shard_group: dist.ProcessGroup | None = None) -> torch.optim.Optimizer:
     """Weight decay on matrices (linear weights, embeddings), none on biases and layer-norm gains.
 
     `factory` is `hydra.utils.instantiate(cfg.optimizer)`, a partial holding lr, betas, eps, ...
+
+    `shard_group` (the data-parallel group, or None): shard the optimizer state over it with torch's
+    ZeroRedundancyOptimizer (ZeRO stage 1, Rajbhandari et al. 2020). Each data rank owns whole parameters,
+    keeps Adam's moments only for those, updates them, and broadcasts them to its data peers after the step;
+    gradients stay all-reduced by DDP, so the update equals the unsharded one. Tensor ranks are untouched:
+    each tensor rank's shards form their own ZeRO group with the same shards on the other data ranks.
+    Checkpointing: `state_dict()` of a ZeRO optimizer needs `consolidate_state_dict(to=rank)` on every rank
+    of the group first, or save each rank's `.optim.state_dict()` as its own shard.
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return factory(params=groups)
+    if shard_group is None:
+        return factory(params=groups)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if not isinstance(factory, functools.partial):
+        raise TypeError(f"optimizer sharding needs the optimizer as a functools.partial, got {factory!r}")
+    # Parameters are partitioned greedily by size (largest first, to the least-loaded rank), across groups.
+    return ZeroRedundancyOptimizer(groups, optimizer_class=factory.func, process_group=shard_group,
+                                   **factory.keywords)
 
 
 @torch.no_grad()
