@@ -75,10 +75,12 @@ def test_default_outputs_contract_and_wandb(tmp_path: Path) -> None:
 @pytest.mark.multiprocess
 def test_loss_curve_identical_across_layouts(tmp_path: Path) -> None:
     """(tensor, data) = (1,1), (2,1), (1,2), (2,2): the same global batches, the same curve (rel < 1e-4)."""
-    # Default optimizer settings; a constant schedule so the 20 steps learn enough to prove something moves.
+    # Default optimizer and schedule (cosine over the 20 steps), with a 5-step warmup: enough learning to prove
+    # that something moves, without the loss spike that a cold start at full lr gives (which amplifies the
+    # fp32 summation-order differences of TP=2 past 1e-4).
     common = ["model=gpt2_tiny", "model.dropout=0.0", "trainer.max_steps=20", "trainer.log_interval=1",
               "trainer.eval_interval=20", "trainer.global_batch_size=32", "trainer.micro_batch_size=8",
-              "scheduler=constant", "scheduler.warmup_steps=0", "logger=none"]
+              "scheduler.warmup_steps=5", "logger=none", "checkpoint.save=false"]
     curves = {}
     for t, d in [(1, 1), (2, 1), (1, 2), (2, 2)]:
         name = f"t{t}d{d}"
@@ -92,7 +94,7 @@ def test_loss_curve_identical_across_layouts(tmp_path: Path) -> None:
     assert ref[-1] < 0.8 * ref[0], f"loss must fall by 20%: {ref[0]:.3f} -> {ref[-1]:.3f}"
     for layout, curve in curves.items():
         for step, (a, b) in enumerate(zip(curve, ref, strict=True), start=1):
-            assert abs(a - b) / abs(b) < 1e-4, f"{layout} step {step}: {a} vs {b}"
+            assert abs(a - b) / abs(b) < 1e-4, f"{layout} step {step}: {a} vs {b}; curves {curves}"
 
 
 @pytest.mark.slow

@@ -82,10 +82,16 @@ def _spawned_entry(local_rank: int, fn: Callable[..., Any], world: int, port: in
     fn(RankEnv("local", local_rank, world, local_rank, world, "127.0.0.1", port), *args)
 
 
-def launch(fn: Callable[..., Any], world_size: int, args: tuple = ()) -> None:
+def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), max_restarts: int = 0,
+           on_restart: Callable[[int, Exception], tuple] | None = None) -> None:
     """Run fn(rank_env, *args) on every rank: in this process, in spawned processes, or as an outside rank.
 
     `args` must be picklable (pass plain containers, not DictConfig) when ranks are spawned.
+
+    `max_restarts` > 0 (ranks we spawn): when a rank dies (exception, signal, OOM kill), all ranks are
+    started again, up to that many times, with the args `on_restart(attempt, error)` returns (train.py:
+    resume from the latest checkpoint). Even a single rank then runs in a child process, so a hard death
+    is survivable. Ranks of torchrun / SLURM are restarted by that launcher (`torchrun --max-restarts`).
     """
     env = detect_rank_env(os.environ)
     if env is not None:
@@ -93,12 +99,20 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = ()) -> None:
             os.environ.setdefault("MASTER_ADDR", env.master_addr)
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
         fn(env, *args)
-    elif world_size == 1:
+        return
+    if world_size == 1 and max_restarts == 0:
         fn(RankEnv("local", 0, 1, 0, 1), *args)
-    else:
-        # "spawn", not "fork": the parent has already run torch / sentencepiece thread pools.
-        mp.start_processes(_spawned_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
-                           join=True, start_method="spawn")
+        return
+    for attempt in range(max_restarts + 1):
+        try:
+            # "spawn", not "fork": the parent has already run torch / sentencepiece thread pools.
+            mp.start_processes(_spawned_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                               join=True, start_method="spawn")
+            return
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            if attempt == max_restarts:
+                raise
+            args = on_restart(attempt + 1, err) if on_restart is not None else args
 
 
 def rank_device(cfg_device: str, local_rank: int) -> torch.device:

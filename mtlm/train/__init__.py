@@ -1,4 +1,5 @@
-"""Entry point behind train.py: validate, prepare data once, launch the ranks, train on each."""
+"""Entry point behind train.py: validate, prepare data once, check the checkpoint to resume from, launch the
+ranks (again, after a rank dies, when trainer.max_restarts allows), train on each."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import sys
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from mtlm.config import ConfigError, env_world_size, validate
-from mtlm.data import DataError, prepare_data
+from mtlm.data import DataError, build_data, prepare_data
 from mtlm.parallel.launch import RankEnv, launch, rank_device, threads_per_rank
 from mtlm.parallel.state import ParallelState
+from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
+from mtlm.train.reshard import METADATA, CheckpointError
 
 
 def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
@@ -35,8 +39,43 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
     try:
         validate(cfg, env_world_size())
         prepare_data(cfg.data, cfg.model.seq_length)
-    except (ConfigError, DataError) as err:
-        print(f"{'config' if isinstance(err, ConfigError) else 'data'} error: {err}", file=sys.stderr)
+        resume = check_before_launch(cfg, lambda: cfg.model.vocab_size or build_data(
+            cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size)
+    except (ConfigError, DataError, CheckpointError) as err:
+        kind = {ConfigError: "config", DataError: "data"}.get(type(err), "checkpoint")
+        print(f"{kind} error: {err}", file=sys.stderr)
         sys.exit(2)
     cfg_dict: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # picklable for spawned ranks
-    launch(_worker, cfg.parallel.tensor * cfg.parallel.data, (cfg_dict, out_dir))
+    cfg_dict["checkpoint"]["resume"] = resume  # resolved once here, so every rank and restart agrees
+    try:
+        launch(_worker, cfg.parallel.tensor * cfg.parallel.data, (cfg_dict, out_dir), cfg.trainer.max_restarts,
+               _restarter(cfg_dict, out_dir))
+    except (CheckpointError, mp.ProcessRaisedException) as err:
+        # A checkpoint that passed the checks above but fails to read inside a rank: still one line.
+        line = str(err).strip().splitlines()[-1]
+        if not isinstance(err, CheckpointError) and "CheckpointError: " not in line:
+            raise
+        print(f"checkpoint error: {line.split('CheckpointError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _checkpoint_id(directory: str) -> tuple[str, int] | None:
+    latest = latest_checkpoint(directory)
+    return None if latest is None else (str(latest), (latest / METADATA).stat().st_mtime_ns)
+
+
+def _restarter(cfg_dict: dict, out_dir: str | None):
+    """trainer.max_restarts: after a rank dies, resume from the newest checkpoint this run saved, or, when it
+    saved none yet, from where the first attempt started (not from an older run's checkpoint in the dir)."""
+    ck = cfg_dict["checkpoint"]
+    before, first = _checkpoint_id(ck["dir"]), ck["resume"]
+
+    def on_restart(attempt: int, err: Exception) -> tuple:
+        now = _checkpoint_id(ck["dir"])
+        target = now[0] if now is not None and now != before else first
+        reason = str(err).strip().splitlines()[-1]
+        print(f"rank failure ({reason}); restart {attempt}/{cfg_dict['trainer']['max_restarts']} from "
+              f"{target if target != 'none' else 'the beginning'}", file=sys.stderr, flush=True)
+        return ({**cfg_dict, "checkpoint": {**ck, "resume": target}}, out_dir)
+
+    return on_restart

@@ -2,11 +2,13 @@
 
 MTLM_FAIL_AT_STEP="RANK:STEP" makes that rank raise right after finishing STEP. With MTLM_FAIL_ONCE_FILE set,
 the failure fires only while that file does not exist (and creates it), so a restarted run goes through.
+MTLM_FAIL_SIGNAL=KILL makes the rank die by SIGKILL instead (no exception, no cleanup: like an OOM kill).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 
 class InjectedFailure(RuntimeError):
@@ -25,4 +27,6 @@ def maybe_fail(rank: int, step: int) -> None:
         if os.path.exists(once):
             return
         open(once, "w").close()
+    if os.environ.get("MTLM_FAIL_SIGNAL") == "KILL":
+        os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFailure(f"injected failure on rank {rank} after step {step} (MTLM_FAIL_AT_STEP)")

@@ -21,11 +21,13 @@ from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel
 
 from mtlm.data import build_data
-from mtlm.metrics.flops import model_flops_per_iteration, peak_tflops
+from mtlm.metrics.flops import hardware_flops_per_iteration, model_flops_per_iteration, peak_tflops
+from mtlm.metrics.memory import SavedActivations, gradient_bytes, optimizer_state_bytes, parameter_bytes
 from mtlm.metrics.sinks import MetricsLogger, build_logger
 from mtlm.model.gpt import GPT
 from mtlm.parallel.random import seed_streams
 from mtlm.parallel.state import ParallelState
+from mtlm.train import checkpoint as ckpt
 from mtlm.train.faults import maybe_fail
 from mtlm.train.optim import build_optimizer, clip_grad_norm_
 from mtlm.train.precision import build_precision
@@ -57,6 +59,10 @@ class Trainer:
         self.model = GPT(cfg.model, vocab, state, device=state.device,
                          activation_checkpointing=t.activation_checkpointing)
         self.model.init_weights(t.seed)
+        if t.compile:
+            # In place (nn.Module.compile), so parameter names, hence checkpoints, stay the eager model's.
+            # Opt-in: on CPU it compiles for about a minute and was no faster (docs/benchmarks.md, issue 7).
+            self.model.compile()
         self.params = list(self.model.parameters())
         self.ddp = None
         if state.dp_group is not None:
@@ -64,17 +70,26 @@ class Trainer:
                 self.model, process_group=state.dp_group, broadcast_buffers=False,
                 device_ids=[state.device] if state.device.type == "cuda" else None)
         self.forward = self.ddp if self.ddp is not None else self.model
+        # trainer.shard_optimizer: ZeRO stage 1, Adam state split over the data ranks (a no-op at data=1).
         self.optimizer = build_optimizer(self.model, instantiate(cfg.optimizer, _convert_="all"),
-                                         cfg.optimizer.weight_decay)
+                                         cfg.optimizer.weight_decay,
+                                         shard_group=state.dp_group if t.shard_optimizer else None)
         self.scheduler = instantiate(cfg.scheduler)(optimizer=self.optimizer, max_steps=t.max_steps)
-        self.precision = build_precision(cfg.precision, state.device)
+        self.precision = build_precision(cfg.precision, state.device, state)
         self.flops_per_step = model_flops_per_iteration(t.global_batch_size, cfg.model.seq_length,
                                                         cfg.model.num_layers, cfg.model.hidden_size,
                                                         self.model.padded_vocab_size)
+        # What the hardware executes: activation checkpointing reruns each layer's forward (MFU stays model FLOPs).
+        self.hardware_flops_per_step = hardware_flops_per_iteration(
+            t.global_batch_size, cfg.model.seq_length, cfg.model.num_layers, cfg.model.hidden_size,
+            self.model.padded_vocab_size, recompute=t.activation_checkpointing)
         self.step = 0
+        self.consumed_samples = 0  # the data position: a global sample count, so the data degree may change
+        self.memory: dict[str, int] | None = None  # bytes per part, counted on this process's first step
         self.logger: MetricsLogger | None = None
         if state.is_main and out_dir is not None:
             self.logger = build_logger(cfg.logger, run_config, out_dir)
+        ckpt.restore_trainer(self)  # last: after data, model and optimizer exist, so the RNG state is final
 
     # ---- data -------------------------------------------------------------------------------------------
     def _rank_slice(self, dataset, global_start: int, global_count: int):
@@ -91,18 +106,23 @@ class Trainer:
         t = self.cfg.trainer
         self.model.train()
         lr = self.optimizer.param_groups[0]["lr"]
-        rank_batch = self._rank_slice(self.data.train, self.step * t.global_batch_size, t.global_batch_size)
+        rank_batch = self._rank_slice(self.data.train, self.consumed_samples, t.global_batch_size)
         rank_tokens = rank_batch.shape[0] * self.cfg.model.seq_length
         loss_sum = torch.zeros((), device=self.state.device)
+        # Memory accounting hooks one forward of the first step only (metrics/memory.py), so no step pays.
+        act = None if self.memory is not None or t.compile else SavedActivations(
+            self.params, self.model.blocks if t.activation_checkpointing else ())
         for m, micro in enumerate(rank_batch.split(t.micro_batch_size)):
             x, y = self._split(micro)
             last = m == self.micro_steps - 1
             no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with no_sync:
-                with self.precision.autocast():
+                with self.precision.autocast(), act if act is not None and m == 0 else contextlib.nullcontext():
                     loss = self.forward(x, y).sum() / rank_tokens
                 self.precision.scale_loss(loss).backward()
             loss_sum += loss.detach().float()
+        if self.memory is None:
+            self.memory = {"grads": gradient_bytes(self.params), "activations": act.bytes if act is not None else 0}
         skipped = self.precision.unscale_and_check(self.params, self.optimizer.param_groups)
         grad_norm = clip_grad_norm_(self.params, t.grad_clip, self.state) if not skipped else float("nan")
         if not skipped:
@@ -111,6 +131,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.consumed_samples += t.global_batch_size
         return {"loss": _mean_over_data(loss_sum, self.state), "lr": lr, "grad_norm": grad_norm,
                 **self.precision.metrics()}
 
@@ -130,8 +151,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
         timed_steps, timed_s = 0, 0.0
+        first = self.step  # > 0 when resumed: the warm-up steps count from here
         val_loss = self.evaluate()
-        self._log(0, {"val_loss": val_loss})
+        if self.step == 0:  # a resumed run already logged its steps so far
+            self._log(0, {"val_loss": val_loss})
         metrics: dict[str, float] = {}
         while self.step < t.max_steps:
             _sync(self.state.device)
@@ -139,7 +162,7 @@ class Trainer:
             metrics = self.train_step()
             _sync(self.state.device)
             elapsed = time.perf_counter() - start
-            if self.step > t.timing_warmup_steps or t.max_steps <= t.timing_warmup_steps:
+            if self.step - first > t.timing_warmup_steps or t.max_steps - first <= t.timing_warmup_steps:
                 timed_steps, timed_s = timed_steps + 1, timed_s + elapsed
             metrics["tokens_per_s"] = self.tokens_per_step / elapsed
             metrics["tflops_per_device"] = self.flops_per_step / elapsed / self.state.world_size / 1e12
@@ -151,6 +174,8 @@ class Trainer:
                 val_loss = metrics["val_loss"] = self.evaluate()
             if self.step % t.log_interval == 0 or self.step == t.max_steps or "val_loss" in metrics:
                 self._log(self.step, metrics)
+            if ckpt.should_save(self.cfg, self.step):
+                ckpt.save_trainer(self)
         return self._summary(metrics, val_loss, timed_steps, timed_s)
 
     def _summary(self, metrics: dict, val_loss: float, timed_steps: int, timed_s: float) -> dict[str, Any]:
@@ -163,6 +188,8 @@ class Trainer:
                         {"bf16": torch.bfloat16, "fp16": torch.float16}[c.precision.dtype])
         return {
             "model": c.model.name, "num_params": self.model.num_parameters(),
+            "hidden_size": c.model.hidden_size, "num_attention_heads": c.model.num_attention_heads,
+            "num_layers": c.model.num_layers, "wandb_group": c.logger.get("group"),
             "padded_vocab_size": self.model.padded_vocab_size, "vocab_size": self.model.vocab_size,
             "tensor": self.state.tensor, "data": self.state.data, "world_size": self.state.world_size,
             "devices": self.state.world_size, "device_type": self.state.device.type,
@@ -172,9 +199,29 @@ class Trainer:
             "timed_steps": timed_steps, "step_time_s": step_time,
             "tokens_per_s": self.tokens_per_step / step_time, "flops_per_step": self.flops_per_step,
             "tflops_per_device": tflops, "pflops": tflops * self.state.world_size / 1e3,
+            "hardware_flops_per_step": self.hardware_flops_per_step,
+            "hardware_tflops_per_device": tflops * self.hardware_flops_per_step / self.flops_per_step,
             "peak_tflops_per_device": peak, "peak_source": peak_source,
             "mfu": tflops / peak if peak else None,
+            **self.memory_summary(), **self.precision.metrics(),
         }
+
+    def memory_summary(self) -> dict[str, Any]:
+        """Peak memory per device: the CUDA allocator's peak on GPUs; on CPU the exact count of parameters,
+        gradients, optimizer state and saved activations (metrics/memory.py). Every rank must call this."""
+        parts = {**(self.memory or {}), "params": parameter_bytes(self.params),
+                 "optimizer": optimizer_state_bytes(self.optimizer)}
+        cuda = self.state.device.type == "cuda"
+        peak = torch.tensor([torch.cuda.max_memory_allocated(self.state.device) if cuda else sum(parts.values())],
+                            dtype=torch.int64, device=self.state.device)
+        per_device = [peak]
+        if self.state.world_size > 1:
+            per_device = [torch.empty_like(peak) for _ in range(self.state.world_size)]
+            dist.all_gather(per_device, peak)
+        per_device_bytes = [int(p.item()) for p in per_device]
+        return {"peak_memory_bytes": max(per_device_bytes), "peak_memory_bytes_per_device": per_device_bytes,
+                "peak_memory_source": "cuda_allocator" if cuda else "tensor_count",
+                **{f"memory_{k}_bytes": v for k, v in parts.items()}}
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is not None:

@@ -1,0 +1,56 @@
+"""`load_model(path)`: a trained mtlm checkpoint as a plain PyTorch module in one process.
+
+    from mtlm import load_model
+    model = load_model("checkpoints/gpt2_tiny")   # a checkpoint folder (its latest) or one step_* folder
+    logits = model(input_ids)                     # [batch, seq, vocab], the real vocabulary only
+
+Whatever tensor degree the checkpoint was saved at, the model comes back at degree 1 (this process holds all
+of it), built from the model section stored in the checkpoint's metadata.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from types import SimpleNamespace
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from mtlm.config import ModelConfig
+from mtlm.model.gpt import GPT
+from mtlm.parallel.state import ParallelState
+from mtlm.train.checkpoint import load_weights
+from mtlm.train.reshard import ShardReader, find_checkpoint, read_metadata
+
+
+class LanguageModel(nn.Module):
+    """A GPT at tensor degree 1 whose forward gives logits over the real vocabulary (GPT.forward's logits
+    include the padded vocabulary entries, as -inf)."""
+
+    def __init__(self, gpt: GPT, step: int) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.vocab_size = gpt.vocab_size
+        self.config = gpt.cfg
+        self.step = step  # the training step the weights are from
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.gpt(input_ids)[..., : self.vocab_size]
+
+
+def model_config(meta: dict) -> SimpleNamespace:
+    """The model section of a checkpoint, with today's defaults for keys an older checkpoint lacks."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not MISSING}
+    return SimpleNamespace(**{**defaults, **meta["model"]})
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LanguageModel:
+    """Load a checkpoint's weights (saved at any tensor degree) into one model on `device`, in eval mode."""
+    step_dir = find_checkpoint(path)
+    meta = read_metadata(step_dir)
+    device = torch.device(device)
+    gpt = GPT(model_config(meta), meta["model"]["vocab_size"], ParallelState(device=device), device=device)
+    load_weights(ShardReader(step_dir, meta), ParallelState(device=device), gpt)
+    return LanguageModel(gpt, meta["step"]).eval()

@@ -1,0 +1,212 @@
+"""Convert between mtlm checkpoints and Hugging Face transformers' GPT-2 (GPT2LMHeadModel).
+
+    python -m mtlm.convert to-hf checkpoints/gpt2_tiny hf/gpt2_tiny          # config.json + model.safetensors
+    python -m mtlm.convert from-hf hf/gpt2 checkpoints/gpt2_hf --tensor 2    # an mtlm checkpoint at degree 2
+
+The two GPT-2s are the same network (pre-LN, learned positions, tanh GeLU, tied embeddings, eps 1e-5); the
+tensors differ in layout only:
+- HF's linear layers are Conv1D, weight [in, out]: the transpose of mtlm's (and torch.nn.Linear's) [out, in].
+- HF's c_attn packs [q | k | v], each [heads][head_dim]; mtlm groups the fused rows by head,
+  [head][q, k, v][head_dim], so a tensor-parallel rank's rows are whole heads.
+- HF's vocabulary is unpadded; mtlm checkpoints store only the real rows too (padding depends on the degree).
+Only weights are converted: the tokenizer is not (mtlm's is sentencepiece, GPT-2's a byte-level BPE). Nothing
+is unpickled: HF weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mtlm.api import model_config
+from mtlm.model.gpt import GPT
+from mtlm.parallel.state import ParallelState
+from mtlm.train.reshard import (
+    FORMAT,
+    METADATA,
+    VERSION,
+    CheckpointError,
+    RankShard,
+    ShardReader,
+    commit,
+    find_checkpoint,
+    merge_index,
+    param_slice,
+    rank_file,
+    read_metadata,
+    write_json,
+)
+
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# mtlm name suffix -> HF name suffix, for the per-layer tensors whose layout is the same (or a transpose).
+LAYER_MAP = {"ln1": "ln_1", "ln2": "ln_2", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc",
+             "mlp.proj": "mlp.c_proj"}
+
+
+def _qkv_rows(heads: int, head_dim: int, to_hf: bool) -> torch.Tensor:
+    """A permutation of the 3h fused rows: mtlm's [head][q,k,v][d] <-> HF's [q,k,v][head][d]."""
+    idx = torch.arange(3 * heads * head_dim)
+    if to_hf:  # HF row r = (which, head, d) comes from mtlm row (head, which, d)
+        return idx.view(heads, 3, head_dim).transpose(0, 1).reshape(-1)
+    return idx.view(3, heads, head_dim).transpose(0, 1).reshape(-1)
+
+
+def mtlm_to_hf(tensors: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
+    """mtlm parameter names/layouts (unpadded vocab) -> GPT2LMHeadModel's state-dict names/layouts."""
+    h = tensors["wpe.weight"].shape[1]
+    perm = _qkv_rows(heads, h // heads, to_hf=True)
+    out = {"transformer.wte.weight": tensors["wte.weight"], "transformer.wpe.weight": tensors["wpe.weight"],
+           "transformer.ln_f.weight": tensors["ln_f.weight"], "transformer.ln_f.bias": tensors["ln_f.bias"]}
+    for i in range(num_layers):
+        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
+        out[dst + "attn.c_attn.weight"] = tensors[src + "attn.qkv.weight"][perm].t()
+        out[dst + "attn.c_attn.bias"] = tensors[src + "attn.qkv.bias"][perm]
+        for ours, theirs in LAYER_MAP.items():
+            w = tensors[f"{src}{ours}.weight"]
+            out[f"{dst}{theirs}.weight"] = w if ours.startswith("ln") else w.t()  # Conv1D: [in, out]
+            out[f"{dst}{theirs}.bias"] = tensors[f"{src}{ours}.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_to_mtlm(tensors: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
+    """The inverse of mtlm_to_hf. Accepts names with or without the `transformer.` prefix."""
+    t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    h = t["wpe.weight"].shape[1]
+    perm = _qkv_rows(heads, h // heads, to_hf=False)
+    out = {"wte.weight": t["wte.weight"], "wpe.weight": t["wpe.weight"], "ln_f.weight": t["ln_f.weight"],
+           "ln_f.bias": t["ln_f.bias"]}
+    for i in range(num_layers):
+        src, dst = f"h.{i}.", f"blocks.{i}."
+        out[dst + "attn.qkv.weight"] = t[src + "attn.c_attn.weight"].t()[perm]
+        out[dst + "attn.qkv.bias"] = t[src + "attn.c_attn.bias"][perm]
+        for ours, theirs in LAYER_MAP.items():
+            w = t[f"{src}{theirs}.weight"]
+            out[f"{dst}{ours}.weight"] = w if ours.startswith("ln") else w.t()
+            out[f"{dst}{ours}.bias"] = t[f"{src}{theirs}.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write a transformers GPT2LMHeadModel folder (config.json, model.safetensors) from an mtlm checkpoint."""
+    step_dir = find_checkpoint(checkpoint)
+    meta = read_metadata(step_dir)
+    m = model_config(meta)
+    reader = ShardReader(step_dir, meta)
+    names = [n.removeprefix("model.") for n in meta["tensors"] if n.startswith("model.")]
+    hf = mtlm_to_hf({n: reader.read_full(f"model.{n}") for n in names}, m.num_layers, m.num_attention_heads)
+    eos = (meta.get("tokenizer") or {}).get("eos_id")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
+        "n_positions": m.max_position_embeddings, "n_ctx": m.max_position_embeddings, "n_embd": m.hidden_size,
+        "n_layer": m.num_layers, "n_head": m.num_attention_heads, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": m.layernorm_eps,
+        "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
+        "initializer_range": m.init_std, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
+        "torch_dtype": "float32", "mtlm": {"checkpoint": str(step_dir), "step": meta["step"]},
+        # mtlm's tokenizer (sentencepiece, not converted) ends each document with eos; GPT-2 uses it as bos too.
+        "bos_token_id": eos, "eos_token_id": eos,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    config_path = hf_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{config_path}: cannot read a Hugging Face config ({err})") from None
+    if config.get("model_type") != "gpt2":
+        raise CheckpointError(f"{config_path}: model_type is {config.get('model_type')!r}, only gpt2 converts")
+    if config.get("activation_function", "gelu_new") not in TANH_GELUS:
+        raise CheckpointError(f"{config_path}: activation_function {config['activation_function']!r}; mtlm's "
+                              f"GPT-2 uses the tanh GeLU ({' or '.join(TANH_GELUS)})")
+    if config.get("n_inner") not in (None, 4 * config["n_embd"]) or config.get("scale_attn_by_inverse_layer_idx"):
+        raise CheckpointError(f"{config_path}: n_inner / scale_attn_by_inverse_layer_idx differ from GPT-2's")
+    index = hf_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not (hf_dir / file).exists():
+            raise CheckpointError(f"{hf_dir / file}: missing (mtlm reads safetensors only, never pickles)")
+        with safe_open(str(hf_dir / file), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if not k.endswith((".attn.bias",
+                                                                                     ".attn.masked_bias"))})
+    return config, tensors
+
+
+def from_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1) -> Path:
+    """Import a GPT2LMHeadModel folder as an mtlm checkpoint folder (latest -> step_00000000) at `tensor`."""
+    config, hf = _read_hf(Path(hf_dir))
+    layers, heads, h = config["n_layer"], config["n_head"], config["n_embd"]
+    vocab, positions = config["vocab_size"], config["n_positions"]
+    if heads % tensor:
+        raise CheckpointError(f"--tensor {tensor} does not divide the model's {heads} attention heads")
+    full = hf_to_mtlm(hf, layers, heads)
+    model = {"name": Path(hf_dir).name, "num_layers": layers, "hidden_size": h, "num_attention_heads": heads,
+             "seq_length": positions, "max_position_embeddings": positions, "vocab_size": vocab,
+             "make_vocab_size_divisible_by": 128, "dropout": config.get("resid_pdrop", 0.1),
+             "init_std": config.get("initializer_range", 0.02), "layernorm_eps": config.get("layer_norm_epsilon",
+                                                                                            1e-5)}
+    root = Path(out_dir)
+    staging = root / ".tmp-step_00000000"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    parts = []
+    for rank in range(tensor):  # each tensor rank's file, as `tensor` training ranks would have written it
+        state = ParallelState(rank=rank, world_size=tensor, tensor=tensor)
+        shapes = GPT(model_config({"model": model}), vocab, state, device="meta")  # shapes only, no memory
+        shard = RankShard(rank_file(rank))
+        for name, p in shapes.named_parameters():
+            sl = param_slice(name, p.shape, p.partition_dim, tensor, rank, vocab)
+            value = full[name] if sl.dim is None else full[name].narrow(sl.dim, sl.start, sl.stop - sl.start)
+            shard.add(f"model.{name}", value, sl)
+        parts.append((shard.file, shard.write(staging), shard.index))
+    files, tensors = merge_index(parts)
+    write_json(staging / METADATA, {
+        "format": FORMAT, "version": VERSION, "step": 0, "consumed_samples": 0,
+        "layout": {"tensor": tensor, "data": 1, "world_size": tensor, "shard_optimizer": False, "device": "cpu"},
+        "model": model, "optimizer": {"state": False, "param_groups": []}, "scheduler": None, "precision": None,
+        "rng": {"files": []}, "files": files, "tensors": tensors, "config": {"model": model},
+        "source": {"huggingface": str(Path(hf_dir).resolve())}, "torch": torch.__version__,
+    })
+    commit(root, staging, "step_00000000", 0)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtlm.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("to-hf", help="mtlm checkpoint -> transformers GPT2LMHeadModel folder")
+    p.add_argument("checkpoint", help="a checkpoint folder (its latest) or one step_* folder")
+    p.add_argument("out_dir")
+    p = sub.add_parser("from-hf", help="transformers GPT2LMHeadModel folder -> mtlm checkpoint folder")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree to write the shards for")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "to-hf":
+            print(f"wrote {to_hf(args.checkpoint, args.out_dir)}")
+        else:
+            print(f"wrote {from_hf(args.hf_dir, args.out_dir, args.tensor)}")
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
