@@ -149,7 +149,9 @@ class GPT(nn.Module):
         mask_padded_logits_(logits, self.wte.vocab_start, self.vocab_size)
         if targets is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, targets, self.wte.vocab_start, self.state.tp_group)
+        # The logits are this forward's own temporary: backward may turn them into their gradient in place.
+        return vocab_parallel_cross_entropy(logits, targets, self.wte.vocab_start, self.state.tp_group,
+                                            inplace_backward=True)
 
     def num_parameters(self) -> int:
         """Whole-model count (all tensor ranks together), padded vocabulary included."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from typing import Any
 
@@ -61,7 +62,8 @@ class Trainer:
         self.model.init_weights(t.seed)
         if t.compile:
             # In place (nn.Module.compile), so parameter names, hence checkpoints, stay the eager model's.
-            # Opt-in: on CPU it compiles for about a minute and was no faster (docs/benchmarks.md, issue 7).
+            # Opt-in: on CPU the first compile takes about a minute, and the step was no faster in fp32 and
+            # 3-5% faster in bf16 (docs/benchmarks.md, issue 7).
             self.model.compile()
         self.params = list(self.model.parameters())
         self.ddp = None
@@ -194,6 +196,8 @@ class Trainer:
             "tensor": self.state.tensor, "data": self.state.data, "world_size": self.state.world_size,
             "devices": self.state.world_size, "device_type": self.state.device.type,
             "threads_per_rank": threads, "precision": c.precision.dtype,
+            # The machine's 1-minute load at the end (our own ranks included): explains a slow run on shared cores.
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "steps": self.step, "global_batch_size": c.trainer.global_batch_size,
             "seq_length": c.model.seq_length, "train_loss": metrics.get("loss"), "val_loss": val_loss,
             "timed_steps": timed_steps, "step_time_s": step_time,

@@ -1,0 +1,69 @@
+"""python -m mtlm.bench [--precision fp32 bf16] [--tp-scaling] ...: see mtlm/bench/speed.py, tp_scaling.py.
+
+    python -m mtlm.bench                      # default CPU shape, fp32 then bf16, all cores for both sides
+    python -m mtlm.bench --tp-scaling         # wide shape, tensor 2 (2 ranks x 1 thread) against tensor 1
+    python -m mtlm.bench --hidden 64 --layers 2 --heads 4 --seq 32 --batch 2 --vocab 512 --reps 2 --warmup 1
+
+Extra `key=value` arguments are Hydra overrides for the mtlm side of the speed mode (e.g. optimizer.fused=false).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from mtlm.bench.speed import Shape, bench_speed, format_speed
+from mtlm.bench.tp_scaling import WIDE, bench_tp_scaling, format_tp_scaling
+from mtlm.parallel.launch import threads_per_rank
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mtlm.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--tp-scaling", action="store_true", help="tensor-parallel strong scaling (CPU, gloo)")
+    p.add_argument("--tensor", type=int, default=2, help="tensor degree for --tp-scaling")
+    for name, help_ in (("hidden", "hidden size"), ("layers", "transformer layers"), ("heads", "attention heads"),
+                        ("seq", "sequence length"), ("batch", "micro batch (sequences)"), ("vocab", "vocabulary")):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"{help_} (default: the mode's shape)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--precision", nargs="+", default=None, choices=("fp32", "bf16"),
+                   help="default: fp32 bf16 (speed), fp32 (--tp-scaling)")
+    p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; 5 for --tp-scaling)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; 1 for --tp-scaling)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--compile", action="store_true", help="trainer.compile=true for the mtlm side")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for the mtlm side, key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    base = WIDE if args.tp_scaling else Shape()
+    dims = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "seq", "batch", "vocab")}
+    shape = Shape(**{**asdict(base), **{k: v for k, v in dims.items() if v is not None}, "dropout": args.dropout})
+    results = []
+    if args.tp_scaling:
+        for precision in args.precision or ["fp32"]:
+            r = bench_tp_scaling(shape, args.tensor, precision, args.reps or 5,
+                                 1 if args.warmup is None else args.warmup)
+            print(format_tp_scaling(r), flush=True)
+            results.append(r)
+    else:
+        threads = threads_per_rank(1, args.threads)  # all cores unless --threads
+        for precision in args.precision or ["fp32", "bf16"]:
+            r = bench_speed(shape, precision, threads, args.reps or 7, 2 if args.warmup is None else args.warmup,
+                            args.device, args.compile,
+                            hf=not args.no_hf, overrides=args.overrides)
+            print(format_speed(r), flush=True)
+            results.append(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,79 @@
+"""`python -m mtlm.bench` runs and reports what it should, on a tiny shape. Structure only, never speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mtlm.bench.speed import Shape, bench_speed, biggest_gemm
+from mtlm.bench.tp_scaling import bench_tp_scaling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = Shape(hidden=32, layers=2, heads=4, seq=16, batch=2, vocab=400)  # padded to 512
+TINY_ARGS = ["--hidden", "32", "--layers", "2", "--heads", "4", "--seq", "16", "--batch", "2", "--vocab", "400"]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTLM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_biggest_gemm_is_the_logits_or_the_mlp() -> None:
+    assert biggest_gemm(Shape()) == (8 * 256, 512, 8192)  # h x v beats the MLP's h x 4h
+    assert biggest_gemm(Shape(hidden=4096, vocab=8192)) == (8 * 256, 4096, 16384)  # 4h > v: the MLP
+
+
+def test_speed_reports_both_sides_the_gemm_and_the_ratio(cache_dir) -> None:
+    r = bench_speed(TINY, "fp32", threads=1, reps=2, warmup=1)
+    for side in ("mtlm", "transformers"):
+        assert set(r[side]) >= {"step_s", "tokens_per_s", "tflops"}
+        assert all(v > 0 for v in r[side].values())
+        assert r[side]["tokens_per_s"] == pytest.approx(TINY.batch * TINY.seq / r[side]["step_s"])
+    assert 0 < r["gemm"]["tflops"] <= r["gemm"]["tflops_best"] and r["peak_source"] == "best gemm just measured"
+    assert r["ratio"] == pytest.approx(r["transformers"]["step_s"] / r["mtlm"]["step_s"])
+    assert r["mfu"] == pytest.approx(r["mtlm"]["tflops"] / r["gemm"]["tflops_best"])
+    assert r["optimizer_fused"] is True  # conf/optimizer/adamw.yaml
+
+
+def test_cli_prints_tokens_ratio_and_mfu(cache_dir, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "mtlm.bench", *TINY_ARGS, "--threads", "1", "--reps", "1",
+                           "--warmup", "1", "--precision", "bf16", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MTLM_CACHE_DIR": str(cache_dir)})
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"mtlm .* tokens/s", proc.stdout) and re.search(r"transformers .* tokens/s", proc.stdout)
+    ratio = re.search(r"ratio mtlm/transformers: ([0-9.]+)x", proc.stdout)
+    assert ratio and float(ratio.group(1)) > 0
+    assert re.search(r"MFU: [0-9.]+% of", proc.stdout)
+    (result,) = json.loads(out.read_text())
+    assert result["precision"] == "bf16" and result["ratio"] > 0
+
+
+@pytest.mark.multiprocess
+def test_tp_scaling_reports_an_efficiency(cache_dir) -> None:
+    r = bench_tp_scaling(TINY, tensor=2, reps=1, warmup=0)
+    assert r["t1_s"] > 0 and r["tt_s"] > 0 and len(r["t1_all"]) == len(r["tt_all"]) == 1
+    assert r["efficiency"] == pytest.approx(r["t1_s"] / (2 * r["tt_s"]))
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(cache_dir) -> None:
+    """trainer.compile=true (inductor, compiled in place) trains the same model: the same losses."""
+    from mtlm.bench.speed import compose_config
+    from mtlm.parallel.state import ParallelState
+    from mtlm.train.loop import Trainer
+
+    losses = []
+    for compiled in (False, True):
+        trainer = Trainer(compose_config(TINY, "fp32", compile_model=compiled), ParallelState(), None, {})
+        losses.append([trainer.train_step()["loss"] for _ in range(3)])
+        # Compiled in place: parameter names (hence checkpoints) are the eager model's.
+        assert not any("_orig_mod" in name for name in trainer.model.state_dict())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
