@@ -77,6 +77,20 @@ def test_wandb_offline_run_round_trip(tmp_path) -> None:
     assert run["exit_code"] == 0
 
 
+def test_summary_wins_over_last_logged_step(tmp_path) -> None:
+    """The loop logs tflops_per_device every step and its run average in the summary: W&B must show the average
+    (the last row used to be written at finish, after the summary, and replace it) and add no empty row."""
+    logger = build_logger(logger_cfg(), RUN_CONFIG, str(tmp_path / "run"))
+    logger.log(1, {"tflops_per_device": 1.0})
+    logger.log(2, {"tflops_per_device": 3.0})
+    logger.summary({"tflops_per_device": 2.0})
+    logger.summary({"status_note": "second update, nothing pending"})
+    logger.close("ok")
+    run = read_offline_run(tmp_path / "run")
+    assert [(row["_step"], row["tflops_per_device"]) for row in run["history"]] == [(1, 1.0), (2, 3.0)]
+    assert run["summary"]["tflops_per_device"] == 2.0
+
+
 def test_close_from_exception_handler_twice(tmp_path) -> None:
     out = tmp_path / "run"
     logger = build_logger(logger_cfg(), RUN_CONFIG, out)

@@ -125,7 +125,7 @@ def read_offline_run(run_dir_or_wandb_file: str | Path) -> dict[str, Any]:
         if kind == "run":
             run = record.run
             out["run"] = {"id": run.run_id, "project": run.project, "group": run.run_group,
-                          "name": run.display_name, "tags": list(run.tags)}
+                          "job_type": run.job_type, "name": run.display_name, "tags": list(run.tags)}
             _apply(out["config"], run.config)
             _apply(out["summary"], run.summary)
         elif kind == "config":

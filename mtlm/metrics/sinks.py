@@ -132,6 +132,7 @@ class WandbSink:
 
         os.makedirs(out_dir, exist_ok=True)
         self.mode = wandb_mode(_get(cfg_logger, "mode", None))
+        self._row_open = False  # a log() row W&B has not written yet (see summary())
         settings = wandb.Settings(
             console="off",  # no stdout/stderr wrapping: our console line is the log
             disable_git=True,
@@ -154,9 +155,16 @@ class WandbSink:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self.run is not None:
             self.run.log(_plain_dict(metrics, json_safe=False), step=step)
+            self._row_open = True
 
     def summary(self, d: Mapping[str, Any]) -> None:
         if self.run is not None:
+            # Write the last step's row first: W&B keeps a row open for more log() calls at the same step and,
+            # left open, writes it at finish, after this update, so the summary's run averages (tokens_per_s,
+            # tflops_per_device) would read as the last step's values.
+            if self._row_open:
+                self.run.log({}, commit=True)
+                self._row_open = False
             self.run.summary.update(_plain_dict(d, json_safe=False))
 
     def close(self, status: str) -> None:
