@@ -9,23 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mtlm.data import build_data
 from mtlm.parallel import ParallelState
 from mtlm.train.loop import Trainer
 from mtlm.train.precision import DynamicLossScaler, Precision, build_precision, next_loss_scale
 from tests.compose import SMALL_MODEL, compose_config
 from tests.distributed import run_ranks
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    """One data cache for the module (spawned ranks inherit the variable), built once up front."""
-    path = str(tmp_path_factory.mktemp("cache"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MTLM_CACHE_DIR", path)
-        cfg = compose_config(*SMALL_MODEL)
-        build_data(cfg.data, cfg.model.seq_length, cfg.trainer.seed)
-        yield path
 
 
 def test_loss_scale_rule() -> None:
@@ -89,7 +77,7 @@ def _overflow_run(state: ParallelState) -> list[dict]:
 
 
 @pytest.mark.multiprocess
-def test_overflow_on_one_rank_skips_the_step_everywhere(cache_dir: str) -> None:
+def test_overflow_on_one_rank_skips_the_step_everywhere(small_data_cache: str) -> None:
     results = run_ranks(_overflow_run, 4, tensor=2)
     for rank, rows in enumerate(results):
         steps = rows[:4]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtlm.data import build_data
 from mtlm.metrics.memory import optimizer_state_bytes
 from mtlm.parallel import ParallelState
 from mtlm.train.loop import Trainer
@@ -17,16 +16,6 @@ from tests.distributed import run_ranks
 pytestmark = pytest.mark.multiprocess
 OVERRIDES = (*SMALL_MODEL, "parallel.tensor=2", "parallel.data=2", "trainer.global_batch_size=4",
              "trainer.micro_batch_size=1", "trainer.max_steps=10", "scheduler.warmup_steps=2")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    path = str(tmp_path_factory.mktemp("cache"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MTLM_CACHE_DIR", path)
-        cfg = compose_config(*SMALL_MODEL)
-        build_data(cfg.data, cfg.model.seq_length, cfg.trainer.seed)
-        yield path
 
 
 def _train(state: ParallelState, shard: bool) -> tuple[Trainer, list[float], list[torch.Tensor]]:
@@ -47,7 +36,7 @@ def _both(state: ParallelState) -> dict:
     return out
 
 
-def test_sharded_optimizer_matches_unsharded_with_half_the_state(cache_dir: str) -> None:
+def test_sharded_optimizer_matches_unsharded_with_half_the_state(small_data_cache: str) -> None:
     results = run_ranks(_both, 4, tensor=2)
     for rank, res in enumerate(results):
         plain, sharded = res[False], res[True]
