@@ -79,3 +79,28 @@ def test_slurm_launcher_config_composes() -> None:
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     assert "SlurmLauncher" in launcher["_target_"]
     assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == 8
+
+
+def test_failure_report_names_the_rank_that_failed_first(tmp_path) -> None:
+    """A dead rank makes its peers' collectives fail too; the report must show the first error, not the
+    peer's 'connection closed' that torch happened to notice first."""
+    import os
+    import pickle
+    from types import SimpleNamespace
+
+    import torch.multiprocessing as mp
+
+    from mtlm.parallel.launch import _root_cause
+
+    files = [tmp_path / "0.err", tmp_path / "1.err"]
+    files[1].write_bytes(pickle.dumps("InjectedFailure: rank 1 died"))
+    files[0].write_bytes(pickle.dumps("DistBackendError: connection closed by peer"))
+    os.utime(files[1], ns=(1_000, 1_000))
+    os.utime(files[0], ns=(2_000, 2_000))
+    ctx = SimpleNamespace(error_files=[str(f) for f in files],
+                          processes=[SimpleNamespace(pid=10), SimpleNamespace(pid=11)])
+    noticed = mp.ProcessRaisedException("peer error", 0, 10)
+    root = _root_cause(ctx, noticed)
+    assert root.error_index == 1 and "rank 1 died" in str(root)
+    files[1].unlink()  # only the peer wrote an error: keep what torch reported
+    assert _root_cause(ctx, noticed) is noticed

@@ -13,6 +13,7 @@ shown, so a crash never turns into a hang.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import socket
 from collections.abc import Callable, Mapping
@@ -106,13 +107,37 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), max_restar
     for attempt in range(max_restarts + 1):
         try:
             # "spawn", not "fork": the parent has already run torch / sentencepiece thread pools.
-            mp.start_processes(_spawned_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
-                               join=True, start_method="spawn")
+            _spawn_and_join(fn, world_size, args)
             return
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
             if attempt == max_restarts:
                 raise
             args = on_restart(attempt + 1, err) if on_restart is not None else args
+
+
+def _spawn_and_join(fn: Callable[..., Any], world_size: int, args: tuple) -> None:
+    ctx = mp.start_processes(_spawned_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                             join=False, start_method="spawn")
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessRaisedException as err:
+        raise _root_cause(ctx, err) from None
+
+
+def _root_cause(ctx: mp.ProcessContext, err: mp.ProcessRaisedException) -> mp.ProcessRaisedException:
+    """When one rank dies, its peers fail too (a collective with a dead peer), and torch reports whichever
+    exit it noticed first. Report the rank whose error was written first: the one that started it."""
+    written = [(os.stat(path).st_mtime_ns, i) for i, path in enumerate(ctx.error_files) if os.access(path, os.R_OK)]
+    if not written:
+        return err
+    first = min(written)[1]
+    if first == err.error_index:
+        return err
+    with open(ctx.error_files[first], "rb") as fh:
+        trace = pickle.load(fh)  # written by torch.multiprocessing in our own child process
+    msg = f"\n\n-- Process {first:d} terminated with the following error:\n{trace}"
+    return mp.ProcessRaisedException(msg, first, ctx.processes[first].pid)
 
 
 def rank_device(cfg_device: str, local_rank: int) -> torch.device:
