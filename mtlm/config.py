@@ -42,6 +42,13 @@ class ModelConfig:
     dropout: float = 0.1
     init_std: float = 0.02
     layernorm_eps: float = 1e-5
+    # sdpa: torch's scaled_dot_product_attention (flash kernels). unfused: Megatron-LM's core attention
+    # (scores by one batched GEMM in the compute dtype, fp32 softmax). auto: unfused under bf16/fp16 autocast
+    # on CPU, where torch's flash kernel is ~2x slower than the GEMMs (docs/benchmarks.md); sdpa elsewhere.
+    attention: str = "auto"
+
+
+ATTENTION_IMPLS = ("auto", "sdpa", "unfused")
 
 
 @dataclass
@@ -203,6 +210,8 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     if m.seq_length > m.max_position_embeddings:
         raise ConfigError("model.seq_length", f"{m.seq_length} exceeds model.max_position_embeddings="
                           f"{m.max_position_embeddings}")
+    if m.attention not in ATTENTION_IMPLS:
+        raise ConfigError("model.attention", f"must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention!r}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
     if m.vocab_size is not None and m.vocab_size <= 0:

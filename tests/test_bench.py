@@ -24,6 +24,20 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def test_plain_gpt_is_gpt2_sized_and_learns() -> None:
+    """The yardstick model has GPT-2's parameter count for its shape and its step lowers the loss."""
+    import torch
+
+    from mtlm.bench.plain import PlainGPT, plain_step
+    from mtlm.model.gpt import num_parameters
+
+    model = PlainGPT(512, 16, 32, 2, 4)
+    assert sum(p.numel() for p in model.parameters()) == num_parameters(2, 32, 512, 16)
+    step = plain_step(512, 16, 32, 2, 4, 0.0, 2, torch.float32, torch.device("cpu"))
+    losses = [step() for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
 def test_biggest_gemm_is_the_logits_or_the_mlp() -> None:
     assert biggest_gemm(Shape()) == (8 * 256, 512, 8192)  # h x v beats the MLP's h x 4h
     assert biggest_gemm(Shape(hidden=4096, vocab=8192)) == (8 * 256, 4096, 16384)  # 4h > v: the MLP
@@ -31,12 +45,14 @@ def test_biggest_gemm_is_the_logits_or_the_mlp() -> None:
 
 def test_speed_reports_both_sides_the_gemm_and_the_ratio(cache_dir) -> None:
     r = bench_speed(TINY, "fp32", threads=1, reps=2, warmup=1)
-    for side in ("mtlm", "transformers"):
+    for side in ("mtlm", "transformers", "plain"):
         assert set(r[side]) >= {"step_s", "tokens_per_s", "tflops"}
         assert all(v > 0 for v in r[side].values())
         assert r[side]["tokens_per_s"] == pytest.approx(TINY.batch * TINY.seq / r[side]["step_s"])
     assert 0 < r["gemm"]["tflops"] <= r["gemm"]["tflops_best"] and r["peak_source"] == "best gemm just measured"
     assert r["ratio"] == pytest.approx(r["transformers"]["step_s"] / r["mtlm"]["step_s"])
+    assert r["ratio_vs_plain"] == pytest.approx(r["plain"]["step_s"] / r["mtlm"]["step_s"])
+    assert r["ratio_plain_vs_transformers"] == pytest.approx(r["transformers"]["step_s"] / r["plain"]["step_s"])
     assert r["mfu"] == pytest.approx(r["mtlm"]["tflops"] / r["gemm"]["tflops_best"])
     assert r["optimizer_fused"] is True  # conf/optimizer/adamw.yaml
 
@@ -51,6 +67,7 @@ def test_cli_prints_tokens_ratio_and_mfu(cache_dir, tmp_path) -> None:
     assert re.search(r"mtlm .* tokens/s", proc.stdout) and re.search(r"transformers .* tokens/s", proc.stdout)
     ratio = re.search(r"ratio mtlm/transformers: ([0-9.]+)x", proc.stdout)
     assert ratio and float(ratio.group(1)) > 0
+    assert re.search(r"ratio mtlm/plain: [0-9.]+x tokens/s; plain/transformers: [0-9.]+x", proc.stdout)
     assert re.search(r"MFU: [0-9.]+% of", proc.stdout)
     (result,) = json.loads(out.read_text())
     assert result["precision"] == "bf16" and result["ratio"] > 0

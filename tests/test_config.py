@@ -52,6 +52,7 @@ def test_paper_presets(preset: str, shape: tuple[int, int, int]) -> None:
     (["scheduler.decay=exp"], "scheduler.decay"),
     (["precision.dtype=fp8"], "precision.dtype"),
     (["model.dropout=1.5"], "model.dropout"),
+    (["model.attention=flash"], "model.attention"),
 ])
 def test_semantic_errors_name_the_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as info:

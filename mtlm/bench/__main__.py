@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--compile", action="store_true", help="trainer.compile=true for the mtlm side")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio)")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain single-file GPT (mtlm/bench/plain.py)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the mtlm side, key=value")
     return p
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         for precision in args.precision or ["fp32", "bf16"]:
             r = bench_speed(shape, precision, threads, args.reps or 7, 2 if args.warmup is None else args.warmup,
                             args.device, args.compile,
-                            hf=not args.no_hf, overrides=args.overrides)
+                            hf=not args.no_hf, plain=not args.no_plain, overrides=args.overrides)
             print(format_speed(r), flush=True)
             results.append(r)
     if args.json:

@@ -6,6 +6,8 @@ In one process and alternately, so that whatever else loads the machine slows al
   vocab-parallel loss, backward, clipping, optimizer step, schedule), with the optimizer of conf/optimizer;
 - transformers: GPT2LMHeadModel of the same shapes, dtype, dropout and thread count, SDPA attention, train
   mode, loss through its `labels` argument, torch.optim.AdamW with torch's defaults, clipping at 1.0;
+- plain: a plain single-file GPT-2 with SDPA (mtlm/bench/plain.py), the yardstick issue 7 names: what
+  mtlm's abstractions cost (mtlm / plain) and what a bare model gets (plain / transformers);
 - gemm: one plain GEMM of the model's biggest shape, into a preallocated output: the rate this hardware
   reaches on the work that dominates a step. On CPU its best repetition is the peak MFU is measured
   against; on CUDA the datasheet peak (mtlm.metrics.flops.peak_tflops) is.
@@ -163,7 +165,7 @@ def _summary(seconds: list[float], tokens: int, flops: float) -> dict[str, float
 
 
 def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmup: int = 2,
-                device: str = "cpu", compile_model: bool = False, hf: bool = True,
+                device: str = "cpu", compile_model: bool = False, hf: bool = True, plain: bool = True,
                 overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Time mtlm, transformers and the GEMM alternately; medians, ratio and MFU as a dict."""
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -175,6 +177,12 @@ def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmu
                                       ParallelState(device=dev))
     if hf:
         fns["transformers"] = hf_step(shape, precision, dev)
+    if plain:
+        from mtlm.bench.plain import plain_step
+
+        s = shape
+        fns["plain"] = plain_step(s.padded_vocab(), s.seq, s.hidden, s.layers, s.heads, s.dropout, s.batch,
+                                  DTYPES[precision], dev)
     gemm, gemm_flops = gemm_step(shape, precision, dev)
     fns["gemm"] = gemm
     inner = {"gemm": max(1, round(0.25 * shape.flops_per_step() / gemm_flops))}  # ~1/4 of a step's FLOPs
@@ -197,6 +205,11 @@ def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmu
         result["ratio"] = result["transformers"]["step_s"] / result["mtlm"]["step_s"]
         paired = [h / m for m, h in zip(times["mtlm"], times["transformers"], strict=True)]
         result["ratio_paired_min"], result["ratio_paired_max"] = min(paired), max(paired)
+    if plain:
+        result["plain"] = _summary(times["plain"], tokens, flops)
+        result["ratio_vs_plain"] = result["plain"]["step_s"] / result["mtlm"]["step_s"]
+        if hf:
+            result["ratio_plain_vs_transformers"] = result["transformers"]["step_s"] / result["plain"]["step_s"]
     if dev.type == "cuda":
         result["peak_tflops"], result["peak_source"] = peak_tflops(dev, threads, DTYPES[precision])
     else:
@@ -221,7 +234,7 @@ def format_speed(r: dict[str, Any]) -> str:
              f"{r['threads']} threads, {r['device']}, compile={r['compile']}, optimizer fused={r['optimizer_fused']}",
              f"  median of {r['reps']} interleaved repetitions after {r['warmup']} warm-up; load average "
              f"{r['load_before']:.2f} -> {r['load_after']:.2f}"]
-    for name in ("mtlm", "mtlm_eager", "transformers"):
+    for name in ("mtlm", "mtlm_eager", "transformers", "plain"):
         if name in r:
             v = r[name]
             lines.append(f"  {name:13s} {v['step_s']:8.4f} s/step ({v['step_s_min']:.4f}..{v['step_s_max']:.4f})  "
@@ -234,5 +247,10 @@ def format_speed(r: dict[str, Any]) -> str:
     if "ratio" in r:
         lines.append(f"  ratio mtlm/transformers: {r['ratio']:.3f}x tokens/s (per repetition "
                      f"{r['ratio_paired_min']:.3f}..{r['ratio_paired_max']:.3f})")
+    if "ratio_vs_plain" in r:
+        line = f"  ratio mtlm/plain: {r['ratio_vs_plain']:.3f}x tokens/s"
+        if "ratio_plain_vs_transformers" in r:
+            line += f"; plain/transformers: {r['ratio_plain_vs_transformers']:.3f}x"
+        lines.append(line)
     lines.append(f"  MFU: {100 * r['mfu']:.1f}% of {r['peak_tflops']:.4f} TFLOP/s ({r['peak_source']})")
     return "\n".join(lines)

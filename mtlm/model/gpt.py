@@ -54,6 +54,7 @@ class Attention(nn.Module):
         self.head_dim = h // heads
         self.dropout = cfg.dropout
         self.device = state.device
+        self.impl = getattr(cfg, "attention", "auto")
         # Output rows are grouped by head ([head][q,k,v][head_dim]), so a rank's contiguous slice holds whole
         # heads, and a checkpoint shard for another tensor degree is again a contiguous slice.
         self.qkv = ColumnParallelLinear(h, 3 * h, state, device=device, dtype=dtype)
@@ -64,13 +65,41 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
         p = self.dropout if self.training else 0.0
+        attend = unfused_attention if _use_unfused(self.impl, x.device) else F.scaled_dot_product_attention
         if p > 0:
             # Attention dropout is inside the parallel region: masks must differ per tensor rank.
             with tensor_region_rng(self.device):
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+                y = attend(q, k, v, dropout_p=p, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = attend(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+
+
+def _use_unfused(impl: str, device: torch.device) -> bool:
+    if impl == "auto":  # see ModelConfig.attention
+        return device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    return impl == "unfused"
+
+
+_CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}
+
+
+def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                      is_causal: bool = True) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(d)) v as Megatron-LM computes it: one batched GEMM writes the scaled
+    scores in the compute dtype with the causal mask added by the GEMM itself (baddbmm's beta term), the
+    softmax runs in fp32, its output drops back to the compute dtype for the second GEMM."""
+    assert is_causal, "GPT attention is always causal"
+    b, n, s, d = q.shape
+    key = (s, q.device, q.dtype)
+    if key not in _CAUSAL_BIAS:  # 0 on and below the diagonal, -inf above: added to the scores by baddbmm
+        _CAUSAL_BIAS[key] = torch.full((s, s), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
+    scores = torch.baddbmm(_CAUSAL_BIAS[key].expand(b * n, s, s), q.reshape(b * n, s, d),
+                           k.reshape(b * n, s, d).transpose(1, 2), alpha=1.0 / math.sqrt(d))
+    probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return torch.bmm(probs, v.reshape(b * n, s, d)).view(b, n, s, d)
 
 
 class MLP(nn.Module):
