@@ -42,6 +42,12 @@ def test_unfused_attention_in_bf16_stays_close_to_fp32() -> None:
     assert got.dtype == torch.bfloat16
     err = (got.float() - exact).abs()
     assert err.mean() < 2e-2 and err.max() < 0.1, (err.mean(), err.max())
+    # The softmax runs on the bf16 scores but accumulates in fp32: the same bits as an fp32 softmax + cast.
+    qb, kb, vb = (t.bfloat16().reshape(8, 64, 32) for t in (q, k, v))
+    scores = torch.baddbmm(torch.full((64, 64), float("-inf"), dtype=torch.bfloat16).triu_(1).expand(8, 64, 64),
+                           qb, kb.transpose(1, 2), alpha=32 ** -0.5)
+    reference = torch.bmm(scores.float().softmax(-1).bfloat16(), vb).view(2, 4, 64, 32)
+    assert torch.equal(got, reference)
 
 
 def test_attention_choice() -> None:

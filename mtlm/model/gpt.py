@@ -88,7 +88,7 @@ def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
                       is_causal: bool = True) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(d)) v as Megatron-LM computes it: one batched GEMM writes the scaled
     scores in the compute dtype with the causal mask added by the GEMM itself (baddbmm's beta term), the
-    softmax runs in fp32, its output drops back to the compute dtype for the second GEMM."""
+    softmax accumulates in fp32, its output is in the compute dtype for the second GEMM."""
     assert is_causal, "GPT attention is always causal"
     b, n, s, d = q.shape
     key = (s, q.device, q.dtype)
@@ -96,7 +96,9 @@ def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
         _CAUSAL_BIAS[key] = torch.full((s, s), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
     scores = torch.baddbmm(_CAUSAL_BIAS[key].expand(b * n, s, s), q.reshape(b * n, s, d),
                            k.reshape(b * n, s, d).transpose(1, 2), alpha=1.0 / math.sqrt(d))
-    probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+    # torch's softmax kernels accumulate bf16/fp16 in fp32 and round once on output: the same bits as an fp32
+    # softmax followed by a cast, without the fp32 [b*n, s, s] temporary and the two casts.
+    probs = scores.softmax(-1)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return torch.bmm(probs, v.reshape(b * n, s, d)).view(b, n, s, d)
