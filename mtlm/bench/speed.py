@@ -28,6 +28,11 @@ from typing import Any
 
 import torch
 
+try:
+    import resource  # page-fault counts (Unix)
+except ImportError:  # pragma: no cover
+    resource = None
+
 from mtlm.metrics.flops import model_flops_per_iteration, peak_tflops
 from mtlm.parallel.layers import pad_vocab_size
 from mtlm.parallel.state import ParallelState
@@ -137,31 +142,39 @@ def gemm_step(shape: Shape, precision: str, device: torch.device) -> tuple[Calla
     return (lambda: torch.mm(x, w.t(), out=out)), 2.0 * m * k * n
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device: torch.device,
-                     inner: dict[str, int] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each function, taken in turn (the order rotates every repetition)."""
+                     inner: dict[str, int] | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds per call of each function, taken in turn (the order rotates every repetition), and the
+    page faults per call (first touches of memory the allocator got fresh from the kernel: on CPU each one
+    costs microseconds of system time, and they explain most of the run-to-run spread of a step)."""
     inner = inner or {}
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             n = inner.get(name, 1)
             _sync(device)
-            start = time.perf_counter()
+            faults_before, start = _minor_faults(), time.perf_counter()
             for _ in range(n):
                 fns[name]()
             _sync(device)
             times[name].append((time.perf_counter() - start) / n)
-    return times
+            faults[name].append((_minor_faults() - faults_before) / n)
+    return times, faults
 
 
-def _summary(seconds: list[float], tokens: int, flops: float) -> dict[str, float]:
+def _summary(seconds: list[float], tokens: int, flops: float, faults: list[float]) -> dict[str, float]:
     med = statistics.median(seconds)
     return {"step_s": med, "step_s_min": min(seconds), "step_s_max": max(seconds), "tokens_per_s": tokens / med,
-            "tflops": flops / med / 1e12}
+            "tflops": flops / med / 1e12, "page_faults": statistics.median(faults)}
 
 
 def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmup: int = 2,
@@ -187,26 +200,26 @@ def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmu
     fns["gemm"] = gemm
     inner = {"gemm": max(1, round(0.25 * shape.flops_per_step() / gemm_flops))}  # ~1/4 of a step's FLOPs
     load_before = os.getloadavg()[0]
-    times = time_interleaved(fns, reps, warmup, dev, inner)
+    times, faults = time_interleaved(fns, reps, warmup, dev, inner)
     tokens, flops = shape.batch * shape.seq, shape.flops_per_step()
     result: dict[str, Any] = {
         "shape": asdict(shape), "precision": precision, "threads": threads, "device": _device_name(dev),
         "compile": compile_model, "reps": reps, "warmup": warmup, "optimizer_fused": cfg.optimizer.fused,
         "load_before": load_before, "load_after": os.getloadavg()[0],
-        "mtlm": _summary(times["mtlm"], tokens, flops),
+        "mtlm": _summary(times["mtlm"], tokens, flops, faults["mtlm"]),
         "gemm": {"shape_mkn": list(biggest_gemm(shape)), "tflops": gemm_flops / statistics.median(times["gemm"]) / 1e12,
                  "tflops_best": gemm_flops / min(times["gemm"]) / 1e12},
     }
     if compile_model:
-        result["mtlm_eager"] = _summary(times["mtlm_eager"], tokens, flops)
+        result["mtlm_eager"] = _summary(times["mtlm_eager"], tokens, flops, faults["mtlm_eager"])
         result["compile_speedup"] = result["mtlm_eager"]["step_s"] / result["mtlm"]["step_s"]
     if hf:
-        result["transformers"] = _summary(times["transformers"], tokens, flops)
+        result["transformers"] = _summary(times["transformers"], tokens, flops, faults["transformers"])
         result["ratio"] = result["transformers"]["step_s"] / result["mtlm"]["step_s"]
         paired = [h / m for m, h in zip(times["mtlm"], times["transformers"], strict=True)]
         result["ratio_paired_min"], result["ratio_paired_max"] = min(paired), max(paired)
     if plain:
-        result["plain"] = _summary(times["plain"], tokens, flops)
+        result["plain"] = _summary(times["plain"], tokens, flops, faults["plain"])
         result["ratio_vs_plain"] = result["plain"]["step_s"] / result["mtlm"]["step_s"]
         if hf:
             result["ratio_plain_vs_transformers"] = result["transformers"]["step_s"] / result["plain"]["step_s"]
@@ -238,7 +251,8 @@ def format_speed(r: dict[str, Any]) -> str:
         if name in r:
             v = r[name]
             lines.append(f"  {name:13s} {v['step_s']:8.4f} s/step ({v['step_s_min']:.4f}..{v['step_s_max']:.4f})  "
-                         f"{v['tokens_per_s']:10.1f} tokens/s  {v['tflops']:.4f} TFLOP/s")
+                         f"{v['tokens_per_s']:10.1f} tokens/s  {v['tflops']:.4f} TFLOP/s  "
+                         f"{v['page_faults']:8.0f} page faults/step")
     m, k, n = r["gemm"]["shape_mkn"]
     lines.append(f"  gemm [{m}x{k}]x[{k}x{n}]  {r['gemm']['tflops']:.4f} TFLOP/s median, "
                  f"{r['gemm']['tflops_best']:.4f} best")
