@@ -21,15 +21,15 @@ pytestmark = pytest.mark.multiprocess
 VOCAB, B, S = 300, 2, 16
 
 
-def _cfg() -> SimpleNamespace:
+def _cfg(attention: str) -> SimpleNamespace:
     return SimpleNamespace(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=S,
                            max_position_embeddings=S, make_vocab_size_divisible_by=128, dropout=0.1,
-                           init_std=0.02, layernorm_eps=1e-5)
+                           init_std=0.02, layernorm_eps=1e-5, attention=attention)
 
 
-def _step(state: ParallelState, checkpointing: bool) -> dict:
+def _step(state: ParallelState, checkpointing: bool, attention: str) -> dict:
     seed_streams(5, state.tp_rank, state.device)
-    model = GPT(_cfg(), VOCAB, state, activation_checkpointing=checkpointing)
+    model = GPT(_cfg(attention), VOCAB, state, activation_checkpointing=checkpointing)
     model.init_weights(seed=5)
     model.train()
     gen = torch.Generator().manual_seed(9)
@@ -44,13 +44,13 @@ def _no_default_replay(fn, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(fn, *args, **{**kwargs, "preserve_rng_state": False})
 
 
-def _runs(state: ParallelState) -> dict:
-    out = {"off": _step(state, False), "on": _step(state, True)}
+def _runs(state: ParallelState, attention: str) -> dict:
+    out = {"off": _step(state, False, attention), "on": _step(state, True, attention)}
     # Negative controls: break one replay at a time.
     with _patched(ckpt_module, "checkpoint", _no_default_replay):
-        out["no_default_replay"] = _step(state, True)
+        out["no_default_replay"] = _step(state, True, attention)
     with _patched(ckpt_module.rng, "set_tensor_stream", lambda device, s: None):
-        out["no_tensor_replay"] = _step(state, True)
+        out["no_tensor_replay"] = _step(state, True, attention)
     return out
 
 
@@ -68,8 +68,9 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return max(((a[n] - b[n]).norm() / b[n].norm()).item() for n in b)
 
 
-def test_checkpointed_gradients_equal_plain_at_tensor_degree_2() -> None:
-    results = run_ranks(_runs, 2, tensor=2)
+@pytest.mark.parametrize("attention", ["sdpa", "unfused"])
+def test_checkpointed_gradients_equal_plain_at_tensor_degree_2(attention: str) -> None:
+    results = run_ranks(_runs, 2, attention, tensor=2)
     for rank, res in enumerate(results):
         off, on = res["off"], res["on"]
         assert on["grads"].keys() == off["grads"].keys() and len(off["grads"]) == 4 + 12 * 2
