@@ -109,3 +109,13 @@ def test_interleaved_timing_counts_page_faults() -> None:
     assert len(times["fresh"]) == len(times["none"]) == 3
     assert min(faults["fresh"]) > 8000, faults
     assert max(faults["none"]) < 100, faults
+
+
+def test_model_flag_takes_a_presets_shape_and_rejects_unknown_names() -> None:
+    from mtlm.bench.__main__ import _parser, _preset_shape
+
+    assert _preset_shape("gpt2_345m", _parser()) == Shape(hidden=1024, layers=24, heads=16, seq=1024, batch=8,
+                                                           vocab=50257)
+    proc = subprocess.run([sys.executable, "-m", "mtlm.bench", "--model", "gpt2_999m"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--model gpt2_999m" in proc.stderr and "gpt2_345m" in proc.stderr

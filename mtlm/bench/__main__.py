@@ -3,6 +3,7 @@
     python -m mtlm.bench                      # default CPU shape, fp32 then bf16, all cores for both sides
     python -m mtlm.bench --tp-scaling         # wide shape, tensor 2 (2 ranks x 1 thread) against tensor 1
     python -m mtlm.bench --hidden 64 --layers 2 --heads 4 --seq 32 --batch 2 --vocab 512 --reps 2 --warmup 1
+    python -m mtlm.bench --model gpt2_345m --precision bf16   # a preset's shape (on a GPU), vocab 50257
 
 Extra `key=value` arguments are Hydra overrides for the mtlm side of the speed mode (e.g. optimizer.fused=false).
 """
@@ -23,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mtlm.bench", description=__doc__.split("\n")[0])
     p.add_argument("--tp-scaling", action="store_true", help="tensor-parallel strong scaling (CPU, gloo)")
     p.add_argument("--tensor", type=int, default=2, help="tensor degree for --tp-scaling")
+    p.add_argument("--model", default=None, help="take the shape of conf/model/NAME.yaml (vocabulary 50257, "
+                   "GPT-2's; micro batch 8); the shape flags below still override it")
     for name, help_ in (("hidden", "hidden size"), ("layers", "transformer layers"), ("heads", "attention heads"),
                         ("seq", "sequence length"), ("batch", "micro batch (sequences)"), ("vocab", "vocabulary")):
         p.add_argument(f"--{name}", type=int, default=None, help=f"{help_} (default: the mode's shape)")
@@ -42,8 +45,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     base = WIDE if args.tp_scaling else Shape()
+    if args.model is not None:
+        base = _preset_shape(args.model, parser)
     dims = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "seq", "batch", "vocab")}
     shape = Shape(**{**asdict(base), **{k: v for k, v in dims.items() if v is not None}, "dropout": args.dropout})
     results = []
@@ -64,6 +70,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def _preset_shape(name: str, parser: argparse.ArgumentParser) -> Shape:
+    from omegaconf import OmegaConf
+
+    from mtlm.bench.speed import CONF_DIR
+
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        parser.error(f"--model {name}: no {path}; choose one of {', '.join(names)}")
+    m = OmegaConf.load(path)
+    return Shape(hidden=m.hidden_size, layers=m.num_layers, heads=m.num_attention_heads, seq=m.seq_length,
+                 batch=8, vocab=50257)
 
 
 if __name__ == "__main__":
