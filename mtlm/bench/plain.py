@@ -9,10 +9,14 @@ and transformers, it shows what mtlm's abstractions cost (mtlm / plain) and how 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from mtlm.bench.speed import Shape
 
 
 class _Block(nn.Module):
@@ -49,13 +53,14 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def plain_step(vocab: int, seq: int, hidden: int, layers: int, heads: int, dropout: float, batch: int,
-               dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
-    """One optimizer step of PlainGPT on a fixed random batch; autocast for bf16/fp16."""
+def plain_step(shape: Shape, dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
+    """One optimizer step of PlainGPT (vocabulary padded as mtlm pads it) on a fixed random batch; autocast
+    for bf16/fp16."""
+    s = shape
     torch.manual_seed(0)
-    model = PlainGPT(vocab, seq, hidden, layers, heads, dropout).to(device).train()
+    model = PlainGPT(s.padded_vocab(), s.seq, s.hidden, s.layers, s.heads, s.dropout).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
-    ids = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, s.vocab, (s.batch, s.seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
 
     def step() -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

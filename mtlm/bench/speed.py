@@ -193,9 +193,7 @@ def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmu
     if plain:
         from mtlm.bench.plain import plain_step
 
-        s = shape
-        fns["plain"] = plain_step(s.padded_vocab(), s.seq, s.hidden, s.layers, s.heads, s.dropout, s.batch,
-                                  DTYPES[precision], dev)
+        fns["plain"] = plain_step(shape, DTYPES[precision], dev)
     gemm, gemm_flops = gemm_step(shape, precision, dev)
     fns["gemm"] = gemm
     inner = {"gemm": max(1, round(0.25 * shape.flops_per_step() / gemm_flops))}  # ~1/4 of a step's FLOPs
