@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 
 # Bump when the tokenizer settings or token file layout change, so old entries are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tokenizer reserves [CLS] [SEP] [MASK] (issue 14)
 DEFAULT_CACHE_DIR = "~/.cache/mtlm"
 
 

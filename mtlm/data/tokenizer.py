@@ -18,6 +18,9 @@ from mtlm.data.cache import atomic_write_bytes
 from mtlm.data.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# The masked-LM (BERT) pieces, reserved as sentencepiece *control* symbols (ids 4, 5, 6): encoding text never
+# produces them (a literal "[MASK]" in the corpus stays ordinary text), so the stream stays lossless.
+CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
 # sentencepiece stores spaces as U+2581 and so decodes a literal U+2581 in the text as a space. To stay
 # lossless we encode that character as its three UTF-8 byte-fallback pieces, which decode verbatim.
 SPACE_MARK = "\u2581"
@@ -58,6 +61,11 @@ class Tokenizer:
     def eos_id(self) -> int:
         """Id of the end-of-document token appended after every document."""
         return self._sp.eos_id()
+
+    def piece_id(self, piece: str) -> int | None:
+        """Id of a special piece such as "[MASK]" or "<pad>", None when this model lacks it."""
+        i = self._sp.PieceToId(piece)
+        return None if i == self._sp.unk_id() and piece != self._sp.IdToPiece(i) else i
 
     def encode(self, text: str) -> list[int]:
         if self._mark_ids is None or SPACE_MARK not in text:
@@ -151,6 +159,7 @@ def train_tokenizer(
             max_sentence_length=4 * TRAIN_CHUNK_CHARS,  # in bytes; a UTF-8 char is at most 4
             input_sentence_size=0,
             shuffle_input_sentence=False,
+            control_symbols=[CLS, SEP, MASK],
             pad_id=PAD_ID,
             unk_id=UNK_ID,
             bos_id=BOS_ID,
