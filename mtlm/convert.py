@@ -196,9 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree to write the shards for")
+    from mtlm.interop.cli import add_commands
+
+    add_commands(sub)  # from-megatron, to-megatron
     args = parser.parse_args(argv)
     try:
-        if args.command == "to-hf":
+        if hasattr(args, "run"):
+            print(f"wrote {args.run(args)}")
+        elif args.command == "to-hf":
             print(f"wrote {to_hf(args.checkpoint, args.out_dir)}")
         else:
             print(f"wrote {from_hf(args.hf_dir, args.out_dir, args.tensor)}")

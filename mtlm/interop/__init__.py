@@ -1,0 +1,1 @@
+"""Foreign checkpoint formats: Megatron-LM's legacy pickles, Megatron-DeepSpeed, Hugging Face (see convert)."""

@@ -1,0 +1,283 @@
+"""Megatron-LM's legacy checkpoints (the NGC 345M releases and every Megatron-LM 1.x/2.x save) <-> mtlm.
+
+    python -m mtlm.convert from-megatron megatron_lm_345m_v0.0.zip checkpoints/gpt2_345m --tensor 2
+    python -m mtlm.convert to-megatron checkpoints/gpt2_345m megatron/gpt2_345m --tensor 4
+
+A legacy checkpoint is one pickle per tensor rank (files: mtlm.interop.megatron_files; loading without
+running code: mtlm.interop.pickles) holding `model` (the state dict, nested as `language_model.embedding` /
+`language_model.transformer` or, from 2.x, `.encoder`), maybe `args`, and `checkpoint_version`:
+
+- Each rank holds a contiguous slice of every split tensor: vocabulary rows of the embedding, output rows of
+  the column-parallel GEMMs (qkv, h->4h), input columns of the row-parallel ones (attention out, 4h->h). That
+  is also how mtlm splits them, so joining the ranks is a concatenation along the parameter's partition dim.
+- The fused qkv rows of one rank are ordered by `checkpoint_version` (qkv_to_mtlm); mtlm's order is 2.0's.
+- The embedding holds padded_vocab rows (a multiple of 128 x the saved tensor degree): mtlm keeps the real
+  vocabulary (from the tokenizer files, `args.vocab_size`, or else all rows) and pads again for its degree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtlm.interop.megatron_files import TRACKER, rank_files
+from mtlm.interop.pickles import safe_load
+from mtlm.interop.writer import build_on_meta, read_checkpoint, write_checkpoint
+from mtlm.parallel.layers import pad_vocab_size
+from mtlm.parallel.state import ParallelState
+from mtlm.train.reshard import CheckpointError
+
+# mtlm's per-layer module name -> (Megatron 1.x name, Megatron 2.x name). 2.x renamed attention only.
+LAYER_NAMES = {
+    "ln1": ("input_layernorm", "input_layernorm"),
+    "attn.qkv": ("attention.query_key_value", "self_attention.query_key_value"),
+    "attn.proj": ("attention.dense", "self_attention.dense"),
+    "ln2": ("post_attention_layernorm", "post_attention_layernorm"),
+    "mlp.fc": ("mlp.dense_h_to_4h", "mlp.dense_h_to_4h"),
+    "mlp.proj": ("mlp.dense_4h_to_h", "mlp.dense_4h_to_h"),
+}
+_LAYER = re.compile(r"(?:transformer|encoder)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_FROM_MEGATRON = {m: ours for ours, names in LAYER_NAMES.items() for m in names}
+# Whole-model tensors: Megatron's name (after `language_model.`; `embedding.` is absent in 2019 files) -> mtlm's.
+GLOBAL_NAMES = {
+    r"(?:embedding\.)?word_embeddings\.weight": "wte.weight",
+    r"(?:embedding\.)?position_embeddings\.weight": "wpe.weight",
+    r"(?:transformer|encoder)\.final_layernorm\.(weight|bias)": r"ln_f.\1",
+}
+VERSIONS = (0, 1.0, 2.0, 3.0)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested state dicts (Megatron nests embedding / transformer / word_embeddings) -> dotted names."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif torch.is_tensor(tree):
+        out[prefix[:-1]] = tree
+    return out
+
+
+def mtlm_name(name: str) -> str | None:
+    """A Megatron GPT-2 parameter name (any generation) -> mtlm's, or None if it is not one."""
+    name = re.sub(r"^(?:module\.)*(?:language_model\.)?", "", name)
+    m = _LAYER.match(name)
+    if m and m[2] in _FROM_MEGATRON:
+        return f"blocks.{m[1]}.{_FROM_MEGATRON[m[2]]}.{m[3]}"
+    for pattern, ours in GLOBAL_NAMES.items():
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, ours, name)
+    return None
+
+
+def qkv_to_mtlm(rows: torch.Tensor, version: float, heads: int, head_dim: int) -> torch.Tensor:
+    """One rank's fused qkv rows (weight or bias) in `checkpoint_version`'s order -> mtlm's [head][q,k,v][d].
+
+    0: [q,k,v][head][d] (all queries first); 1.0: [head][d][q,k,v]; 2.0 and 3.0: [head][q,k,v][d]."""
+    rest = rows.shape[1:]
+    if version == 0:
+        rows = rows.reshape(3, heads, head_dim, *rest).transpose(0, 1)
+    elif version == 1.0:
+        rows = rows.reshape(heads, head_dim, 3, *rest).transpose(1, 2)
+    return rows.reshape(3 * heads * head_dim, *rest)
+
+
+def _version(ckpt: dict, label: str) -> float:
+    version = ckpt.get("checkpoint_version", 0)
+    if version not in VERSIONS:
+        raise CheckpointError(f"{label}: checkpoint_version {version!r}: mtlm reads versions 0, 1.0, 2.0, 3.0")
+    return float(version)
+
+
+def _check_args(args: Any, label: str) -> None:
+    """Architecture switches of later Megatron-LM that mtlm's GPT-2 cannot represent: refuse, never ignore."""
+    unsupported = {"apply_residual_connection_post_layernorm": True, "untie_embeddings_and_output_weights": True,
+                   "swiglu": True, "group_query_attention": True, "add_bias_linear": False}
+    for key, bad in unsupported.items():
+        if getattr(args, key, not bad) == bad:
+            raise CheckpointError(f"{label}: args.{key}={bad}: mtlm's GPT-2 cannot represent this model")
+    for key, fine in {"position_embedding_type": "learned_absolute", "normalization": "LayerNorm"}.items():
+        if getattr(args, key, fine) != fine:
+            raise CheckpointError(f"{label}: args.{key}={getattr(args, key)!r}: mtlm's GPT-2 needs {fine!r}")
+
+
+def _preset(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"--preset {name}: no {path}")
+    return dict(OmegaConf.to_container(OmegaConf.load(path)))
+
+
+def read_megatron(src: str | Path) -> tuple[list[dict[str, torch.Tensor]], Any, float, dict]:
+    """(per-rank tensors by mtlm name in the file's own qkv order, args or None, version, info)."""
+    ranks, args, version, info = [], None, None, {}
+    for rf in rank_files(src):
+        ckpt = safe_load(rf.read(), rf.name)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+            raise CheckpointError(f"{rf.name}: no 'model' state dict: not a Megatron-LM checkpoint")
+        v = _version(ckpt, rf.name)
+        if version is not None and v != version:
+            raise CheckpointError(f"{rf.name}: checkpoint_version {v}, tensor rank 0 has {version}")
+        version, args = v, ckpt.get("args", args)
+        info = {"iteration": ckpt.get("iteration"), "checkpoint_version": v}
+        tensors = {}
+        for name, t in flatten(ckpt["model"]).items():
+            ours = mtlm_name(name)
+            if ours is None:
+                raise CheckpointError(f"{rf.name}: unexpected tensor {name}: not part of a GPT-2 model mtlm "
+                                      "can represent")
+            tensors[ours] = t
+        ranks.append(tensors)
+    if args is not None:
+        _check_args(args, str(src))
+    return ranks, args, version, info
+
+
+def join_ranks(ranks: list[dict[str, torch.Tensor]], version: float, heads: int,
+               dims: dict[str, int | None], label: str) -> dict[str, torch.Tensor]:
+    """Undo each rank's qkv order, then concatenate the ranks' slices along each parameter's partition dim."""
+    t = len(ranks)
+    if heads % t:
+        raise CheckpointError(f"{label}: {t} tensor ranks do not divide {heads} attention heads")
+    out = {}
+    for name, first in ranks[0].items():
+        parts = [r.get(name) for r in ranks]
+        if any(p is None for p in parts):
+            raise CheckpointError(f"{label}: tensor rank {parts.index(None)} has no {name}")
+        if ".attn.qkv." in name:
+            head_dim, left = divmod(first.shape[0], 3 * (heads // t))
+            if left:
+                raise CheckpointError(f"{label}: {name} has {first.shape[0]} rows per rank, not 3 x "
+                                      f"{heads // t} heads x head_dim (wrong --num-attention-heads?)")
+            parts = [qkv_to_mtlm(p, version, heads // t, head_dim) for p in parts]
+        dim = dims.get(name)
+        out[name] = parts[0] if dim is None or t == 1 else torch.cat(parts, dim)
+    return out
+
+
+def _real_vocab(rows: int, saved_tensor: int, divisible: int, tokenizer: dict | None, args: Any,
+                label: str) -> int:
+    """The real vocabulary size: the tokenizer's, else args.vocab_size, else every row (said on stderr)."""
+    size = (tokenizer or {}).get("vocab_size") or getattr(args, "vocab_size", None)
+    if size is None:
+        print(f"note: {label}: the real vocabulary size is unknown (no tokenizer files given, no args.vocab_size): "
+              f"keeping all {rows} embedding rows, padding included", file=sys.stderr)
+        return rows
+    if pad_vocab_size(size, divisible, saved_tensor) != rows:
+        raise CheckpointError(f"{label}: the tokenizer has {size} tokens, but the embedding has {rows} rows, which "
+                              f"is not {size} padded to a multiple of {divisible} x {saved_tensor} tensor ranks")
+    return size
+
+
+def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset: str | None = None,
+                  num_attention_heads: int | None = None, tokenizer: dict | None = None) -> Path:
+    """Import a legacy Megatron-LM GPT-2 checkpoint as an mtlm checkpoint folder at tensor degree `tensor`.
+
+    Heads cannot be read off the tensors: they come from the file's args, else `num_attention_heads`, else
+    the preset (a conf/model name). `tokenizer`: the metadata entry of the tokenizer the model was trained
+    with (its vocab_size is checked against the embedding)."""
+    label = str(src)
+    ranks, args, version, info = read_megatron(src)
+    first = ranks[0]
+    for needed in ("wte.weight", "wpe.weight", "ln_f.weight"):
+        if needed not in first:
+            raise CheckpointError(f"{label}: no {needed.split('.')[0]} tensor: not a GPT-2 checkpoint")
+    layers = 1 + max(int(n.split(".")[1]) for n in first if n.startswith("blocks."))
+    hidden, positions = first["wte.weight"].shape[1], first["wpe.weight"].shape[0]
+    spec = _preset(preset) if preset else {}
+    heads = getattr(args, "num_attention_heads", None) or num_attention_heads or spec.get("num_attention_heads")
+    if heads is None:
+        raise CheckpointError(f"{label}: no args in the file, so the number of attention heads is unknown: pass "
+                              "--num-attention-heads N or --preset NAME")
+    for key, value in (("num_attention_heads", num_attention_heads), ("num_layers", layers),
+                       ("hidden_size", hidden)):
+        for where, have in (("args", getattr(args, key, None)), (f"--preset {preset}", spec.get(key))):
+            if have is not None and value is not None and have != value:
+                raise CheckpointError(f"{label}: {where} says {key}={have}, the checkpoint has {value}")
+    saved_tensor = len(ranks)
+    divisible = getattr(args, "make_vocab_size_divisible_by", None) or spec.get("make_vocab_size_divisible_by",
+                                                                               128)
+    model = {
+        "name": preset or Path(out_dir).name, "num_layers": layers, "hidden_size": hidden,
+        "num_attention_heads": heads, "seq_length": min(getattr(args, "seq_length", None) or spec.get(
+            "seq_length", positions), positions), "max_position_embeddings": positions,
+        "make_vocab_size_divisible_by": divisible,
+        "dropout": getattr(args, "hidden_dropout", None) if args is not None else spec.get("dropout", 0.1),
+        "init_std": getattr(args, "init_method_std", 0.02), "layernorm_eps": getattr(args, "layernorm_epsilon",
+                                                                                       1e-5),
+    }
+    if model["dropout"] is None:
+        model["dropout"] = 0.1
+    model["vocab_size"] = rows = first["wte.weight"].shape[0] * saved_tensor
+    shapes = build_on_meta(argparse.Namespace(**model), rows, ParallelState())
+    dims = {n: getattr(p, "partition_dim", None) for n, p in shapes.named_parameters()}
+    full = join_ranks(ranks, version, heads, dims, label)
+    vocab = _real_vocab(rows, saved_tensor, divisible, tokenizer, args, label)
+    full["wte.weight"] = full["wte.weight"][:vocab]
+    model["vocab_size"] = vocab
+    source = {"megatron": str(Path(src).resolve()), "iteration": info["iteration"],
+              "checkpoint_version": version, "tensor": saved_tensor}
+    return write_checkpoint(out_dir, model, full, tensor, source, {"tokenizer": tokenizer} if tokenizer else None)
+
+
+def mtlm_to_megatron_name(name: str) -> str:
+    """mtlm's name -> Megatron 2.x/3.0's dotted name under `language_model.` (the inverse of mtlm_name)."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        return f"encoder.layers.{m[1]}.{LAYER_NAMES[m[2]][1]}.{m[3]}"
+    return {"wte.weight": "embedding.word_embeddings.weight", "wpe.weight": "embedding.position_embeddings.weight",
+            "ln_f.weight": "encoder.final_layernorm.weight", "ln_f.bias": "encoder.final_layernorm.bias"}[name]
+
+
+def _megatron_args(model: dict, tensor: int, padded: int, tokenizer: dict | None) -> argparse.Namespace:
+    """The args Megatron-LM's loader compares with its own (check_checkpoint_args) and reads back."""
+    kind = (tokenizer or {}).get("kind")
+    return argparse.Namespace(
+        num_layers=model["num_layers"], hidden_size=model["hidden_size"],
+        num_attention_heads=model["num_attention_heads"], ffn_hidden_size=4 * model["hidden_size"],
+        kv_channels=model["hidden_size"] // model["num_attention_heads"],
+        max_position_embeddings=model["max_position_embeddings"], seq_length=model["seq_length"],
+        make_vocab_size_divisible_by=model["make_vocab_size_divisible_by"], padded_vocab_size=padded,
+        vocab_size=model["vocab_size"], tensor_model_parallel_size=tensor, pipeline_model_parallel_size=1,
+        tokenizer_type={"gpt2": "GPT2BPETokenizer"}.get(kind), layernorm_epsilon=model["layernorm_eps"],
+        hidden_dropout=model["dropout"], attention_dropout=model["dropout"], init_method_std=model["init_std"],
+    )
+
+
+def to_megatron(checkpoint: str | Path, out_dir: str | Path, tensor: int = 1) -> Path:
+    """Write an mtlm checkpoint as a Megatron-LM checkpoint (version 3.0 layout, `release`) at `tensor`."""
+    meta, full = read_checkpoint(checkpoint)
+    model = meta["model"]
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: not empty; to-megatron writes into a new or empty folder")
+    if model["num_attention_heads"] % tensor:
+        raise CheckpointError(f"--tensor {tensor} does not divide the model's {model['num_attention_heads']} heads")
+    padded = pad_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], tensor)
+    wte = full["wte.weight"]
+    full["wte.weight"] = torch.cat([wte, wte.new_zeros(padded - wte.shape[0], wte.shape[1])])
+    args = _megatron_args(model, tensor, padded, meta.get("tokenizer"))
+    for rank in range(tensor):
+        lm: dict[str, Any] = {}
+        for name, value in full.items():
+            dim = meta["tensors"][f"model.{name}"]["partition_dim"]
+            local = value if dim is None else value.chunk(tensor, dim)[rank]
+            section, _, rest = mtlm_to_megatron_name(name).partition(".")
+            if section == "embedding":  # nested as Megatron's Embedding.state_dict_for_save_checkpoint writes it
+                module, _, param = rest.partition(".")
+                lm.setdefault("embedding", {}).setdefault(module, {})[param] = local.clone()
+            else:  # the transformer's state dict is flat
+                lm.setdefault(section, {})[rest] = local.clone()
+        path = out / "release" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
+        path.parent.mkdir(parents=True)
+        torch.save({"model": {"language_model": lm}, "checkpoint_version": 3.0, "iteration": meta["step"],
+                    "args": args}, path)
+    (out / TRACKER).write_text("release\n", encoding="utf-8")
+    return out

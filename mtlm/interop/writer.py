@@ -1,0 +1,108 @@
+"""Write whole (unsharded, unpadded) tensors as an mtlm checkpoint at any tensor degree.
+
+Every importer ends here: it maps a foreign format's tensors to mtlm's parameter names and layouts, then
+this writes the shards `tensor` training ranks would have written (each rank's slice along the parameter's
+`partition_dim`, the vocabulary cut to its real size), the metadata that `train.py checkpoint.resume=...`,
+`load_model` and the evaluation tools read, and commits the folder as `latest -> step_00000000`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtlm.api import model_config
+from mtlm.parallel.state import ParallelState
+from mtlm.train.reshard import (
+    FORMAT,
+    METADATA,
+    VERSION,
+    CheckpointError,
+    RankShard,
+    ShardReader,
+    commit,
+    find_checkpoint,
+    merge_index,
+    param_slice,
+    rank_file,
+    read_metadata,
+    write_json,
+)
+
+ModelBuilder = Callable[[Any, int, ParallelState], nn.Module]
+
+
+def build_on_meta(cfg: Any, vocab_size: int, state: ParallelState) -> nn.Module:
+    """The model a checkpoint's model section describes, on the meta device (shapes only, no memory)."""
+    from mtlm.model.gpt import GPT
+
+    return GPT(cfg, vocab_size, state, device="meta")
+
+
+def check_names(full: dict[str, torch.Tensor], model: nn.Module, origin: str) -> None:
+    """The converted tensors are exactly the model's parameters, each with its shape (unpadded vocab)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(full))
+    extra = sorted(set(full) - set(params))
+    if missing or extra:
+        raise CheckpointError(f"{origin}: converted tensors do not match the model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for name, p in params.items():
+        want = list(p.shape)
+        if getattr(p, "partition_dim", None) == 0 and name == "wte.weight":
+            want[0] = full[name].shape[0]  # the vocabulary is checked by the caller (real size, not padded)
+        if list(full[name].shape) != want:
+            raise CheckpointError(f"{origin}: {name} has shape {list(full[name].shape)}, the model needs {want}")
+
+
+def write_checkpoint(out_dir: str | Path, model: dict, full: dict[str, torch.Tensor], tensor: int,
+                     source: dict, extra: dict | None = None, build: ModelBuilder = build_on_meta) -> Path:
+    """Write `full` (mtlm names, whole tensors, real vocabulary) as an mtlm checkpoint at degree `tensor`.
+
+    `model` is the checkpoint's model section (it must include vocab_size); `source` says where the weights
+    came from; `extra` adds top-level metadata (e.g. the tokenizer). Returns the checkpoint folder."""
+    vocab = model["vocab_size"]
+    cfg = model_config({"model": model})
+    if cfg.num_attention_heads % tensor:
+        raise CheckpointError(f"--tensor {tensor} does not divide the model's {cfg.num_attention_heads} "
+                              "attention heads")
+    check_names(full, build(cfg, vocab, ParallelState()), next(iter(source.values()), "source"))
+    root = Path(out_dir)
+    staging = root / ".tmp-step_00000000"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    parts = []
+    for rank in range(tensor):  # each tensor rank's file, as `tensor` training ranks would have written it
+        shapes = build(cfg, vocab, ParallelState(rank=rank, world_size=tensor, tensor=tensor))
+        shard = RankShard(rank_file(rank))
+        for name, p in shapes.named_parameters():
+            sl = param_slice(name, p.shape, getattr(p, "partition_dim", None), tensor, rank, vocab)
+            value = full[name] if sl.dim is None else full[name].narrow(sl.dim, sl.start, sl.stop - sl.start)
+            if sl.dim is None and rank > 0:
+                continue  # replicated: tensor rank 0 writes it, as in training
+            shard.add(f"model.{name}", value.contiguous(), sl)
+        parts.append((shard.file, shard.write(staging), shard.index))
+    files, tensors = merge_index(parts)
+    write_json(staging / METADATA, {
+        "format": FORMAT, "version": VERSION, "step": 0, "consumed_samples": 0,
+        "layout": {"tensor": tensor, "data": 1, "world_size": tensor, "shard_optimizer": False, "device": "cpu"},
+        "model": model, "optimizer": {"state": False, "param_groups": []}, "scheduler": None, "precision": None,
+        "rng": {"files": []}, "files": files, "tensors": tensors, "config": {"model": model},
+        "source": source, "torch": torch.__version__, **(extra or {}),
+    })
+    commit(root, staging, "step_00000000", 0)
+    return root
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, whole model tensors by mtlm name) of an mtlm checkpoint folder or step folder."""
+    step_dir = find_checkpoint(path)
+    meta = read_metadata(step_dir)
+    reader = ShardReader(step_dir, meta)
+    names = [n for n in meta["tensors"] if n.startswith("model.")]
+    return meta, {n.removeprefix("model."): reader.read_full(n) for n in names}
