@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +32,11 @@ from tests.megatron_layouts import (
 @pytest.fixture(scope="module")
 def hf():
     return random_gpt2()
+
+
+def _tok(size: int) -> SimpleNamespace:
+    """Stands for a GPT-2 BPE tokenizer of `size` tokens (only its size and metadata entry are used here)."""
+    return SimpleNamespace(path="vocab.json", vocab_size=size, eos_id=size - 1)
 
 
 def _ids() -> torch.Tensor:
@@ -89,14 +95,15 @@ def test_from_megatron_matches_transformers(hf, tmp_path: Path, version, new_nam
 
 def test_real_vocabulary_and_preset(hf, tmp_path: Path) -> None:
     src = write_megatron(tmp_path / "meg", hf, 0, 2, False, False)
-    from_megatron(src, tmp_path / "ck", 2, num_attention_heads=HEADS, tokenizer={"vocab_size": VOCAB})
+    from_megatron(src, tmp_path / "ck", 2, num_attention_heads=HEADS, tokenizer=_tok(VOCAB))
     meta, full = read_checkpoint(tmp_path / "ck")
     assert meta["model"]["vocab_size"] == VOCAB and full["wte.weight"].shape == (VOCAB, 64)
-    assert meta["tokenizer"] == {"vocab_size": VOCAB}
+    assert meta["tokenizer"] == {"path": "vocab.json", "vocab_size": VOCAB, "eos_id": VOCAB - 1}
     _assert_logits(load_model(tmp_path / "ck")(_ids()), hf)
     for wrong in (200, 600):  # 200 pads to 256 rows at 2 ranks, not 512; 600 is more than there are
-        with pytest.raises(CheckpointError, match=f"has {wrong} tokens, but the embedding has 512 rows"):
-            from_megatron(src, tmp_path / "bad", tokenizer={"vocab_size": wrong}, num_attention_heads=HEADS)
+        with pytest.raises(CheckpointError, match=f"has {wrong} tokens, which does not fit the checkpoint's 512 "
+                           "embedding rows padded to a multiple of 128 x 2"):
+            from_megatron(src, tmp_path / "bad", tokenizer=_tok(wrong), num_attention_heads=HEADS)
     with pytest.raises(CheckpointError, match="--num-attention-heads N or --preset NAME"):
         from_megatron(src, tmp_path / "bad")
     with pytest.raises(CheckpointError, match="--preset gpt2_tiny says num_layers=4, the checkpoint has 2"):
@@ -117,7 +124,7 @@ def test_preset_gives_what_the_file_lacks(tmp_path: Path) -> None:
 
 def test_to_megatron_round_trip_is_exact(hf, tmp_path: Path) -> None:
     src = write_megatron(tmp_path / "meg", hf, 1.0, 1, False, True)
-    from_megatron(src, tmp_path / "ck", 1, tokenizer={"vocab_size": VOCAB}, num_attention_heads=HEADS)
+    from_megatron(src, tmp_path / "ck", 1, tokenizer=_tok(VOCAB), num_attention_heads=HEADS)
     _, before = read_checkpoint(tmp_path / "ck")
     assert main(["to-megatron", str(tmp_path / "ck"), str(tmp_path / "meg2"), "--tensor", "2"]) == 0
     # The files are version 3.0 exactly as the tests' own writer lays it out (padding rows zero, not random).
@@ -222,7 +229,7 @@ def test_converted_checkpoints_at_tensor_degree_2(hf, tmp_path: Path) -> None:
     from tests.distributed import run_ranks
 
     src = write_megatron(tmp_path / "meg", hf, 0, 2, False, True)  # v0: each rank's rows [q|k|v] of its heads
-    from_megatron(src, tmp_path / "ck", 2, num_attention_heads=HEADS, tokenizer={"vocab_size": VOCAB})
+    from_megatron(src, tmp_path / "ck", 2, num_attention_heads=HEADS, tokenizer=_tok(VOCAB))
     results = run_ranks(_logits_at_degree, 2, [str(tmp_path / "ck")], _ids())
     for ours in results[0]:
         _assert_logits(ours, hf)

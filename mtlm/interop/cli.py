@@ -3,15 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
+
+from mtlm.data.errors import DataError
+from mtlm.train.reshard import CheckpointError
+
+# Megatron-LM's --tokenizer-type values, for the WordPiece case: does it lower-case?
+WORDPIECE_TYPES = {"BertWordPieceLowerCase": True, "BertWordPieceCase": False}
+TOKENIZER_TYPES = (*WORDPIECE_TYPES, "GPT2BPETokenizer")
 
 
+def add_tokenizer_options(p: argparse.ArgumentParser) -> None:
+    """The released tokenizer's files (Megatron-LM's own flag names): recorded in the checkpoint's metadata,
+    and their vocabulary size checked against the checkpoint's embedding."""
+    p.add_argument("--vocab-file", default=None, help="vocab.json (GPT-2 BPE, with --merge-file) or vocab.txt "
+                                                      "(BERT WordPiece)")
+    p.add_argument("--merge-file", default=None, help="merges.txt of the GPT-2 BPE")
+    p.add_argument("--tokenizer-file", default=None, help="a tokenizer.json (BLOOM)")
+    p.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
+                   help="WordPiece: lower-cased or not (default: inferred from vocab.txt, said on stderr)")
+
+
+def open_tokenizer(args: argparse.Namespace) -> Any:
+    """The tokenizer the options name, or None."""
+    from mtlm.data.hf_tokenizers import JsonTokenizer, WordPieceTokenizer
+
+    if args.tokenizer_file:
+        return JsonTokenizer(args.tokenizer_file)
+    if not args.vocab_file:
+        if args.merge_file:
+            raise DataError("--merge-file needs --vocab-file (the vocab.json of the same BPE)")
+        return None
+    if args.merge_file or args.tokenizer_type == "GPT2BPETokenizer":
+        return _gpt2_bpe(args.vocab_file, args.merge_file)
+    tok = WordPieceTokenizer(args.vocab_file, WORDPIECE_TYPES.get(args.tokenizer_type))
+    if args.tokenizer_type is None:
+        print(f"note: {args.vocab_file}: {'no' if tok.lowercase else 'upper-case'} letters in the vocabulary: "
+              f"{'uncased (lower-casing)' if tok.lowercase else 'cased'} WordPiece; --tokenizer-type overrides",
+              file=sys.stderr)
+    return tok
+
+
+def _gpt2_bpe(vocab_json: str, merges: str | None) -> Any:
+    if not merges:
+        raise DataError(f"--vocab-file {vocab_json}: a GPT-2 BPE needs --merge-file merges.txt too")
+    raise DataError("GPT-2 BPE tokenizer files are not supported yet (issue 12 brings the tokenizer)")
+
+
+def _guard(fn):
+    """Tokenizer-file problems (DataError) are reported like checkpoint problems: one line, exit status 2."""
+    def run(args: argparse.Namespace) -> Path:
+        try:
+            return fn(args)
+        except DataError as err:
+            raise CheckpointError(str(err)) from None
+    return run
+
+
+@_guard
 def _from_megatron(args: argparse.Namespace) -> Path:
     from mtlm.interop.megatron import from_megatron
 
-    return from_megatron(args.src, args.out_dir, args.tensor, args.preset, args.num_attention_heads)
+    return from_megatron(args.src, args.out_dir, args.tensor, args.preset, args.num_attention_heads,
+                         open_tokenizer(args))
 
 
+@_guard
 def _to_megatron(args: argparse.Namespace) -> Path:
     from mtlm.interop.megatron import to_megatron
 
@@ -29,6 +88,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                                   "(attention heads, sequence length), e.g. gpt2_345m")
     p.add_argument("--num-attention-heads", type=int, default=None,
                    help="attention heads, for files without args (they cannot be read off the tensors)")
+    add_tokenizer_options(p)
     p.set_defaults(run=_from_megatron)
     p = sub.add_parser("to-megatron", help="mtlm checkpoint -> Megatron-LM checkpoint (version 3.0, release/)")
     p.add_argument("checkpoint", help="a checkpoint folder (its latest) or one step_* folder")

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from mtlm.data.errors import DataError
+from mtlm.data.hf_tokenizers import check_vocab, tokenizer_entry
 from mtlm.interop.megatron_files import TRACKER, rank_files
 from mtlm.interop.pickles import safe_load
 from mtlm.interop.writer import build_on_meta, read_checkpoint, write_checkpoint
@@ -50,6 +52,9 @@ GLOBAL_NAMES = {
     r"(?:transformer|encoder)\.final_layernorm\.(weight|bias)": r"ln_f.\1",
 }
 VERSIONS = (0, 1.0, 2.0, 3.0)
+# (mtlm tokenizer type, lowercase) -> Megatron-LM's --tokenizer-type, written into to-megatron's args.
+MEGATRON_TOKENIZERS = {("gpt2", None): "GPT2BPETokenizer", ("wordpiece", True): "BertWordPieceLowerCase",
+                       ("wordpiece", False): "BertWordPieceCase"}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -162,27 +167,32 @@ def join_ranks(ranks: list[dict[str, torch.Tensor]], version: float, heads: int,
     return out
 
 
-def _real_vocab(rows: int, saved_tensor: int, divisible: int, tokenizer: dict | None, args: Any,
-                label: str) -> int:
+def _real_vocab(rows: int, saved_tensor: int, divisible: int, tokenizer: Any, args: Any, label: str) -> int:
     """The real vocabulary size: the tokenizer's, else args.vocab_size, else every row (said on stderr)."""
-    size = (tokenizer or {}).get("vocab_size") or getattr(args, "vocab_size", None)
+    if tokenizer is not None:
+        try:
+            check_vocab(tokenizer, rows, divisible, saved_tensor, label)
+        except DataError as err:
+            raise CheckpointError(str(err)) from None
+        return tokenizer.vocab_size
+    size = getattr(args, "vocab_size", None)
     if size is None:
         print(f"note: {label}: the real vocabulary size is unknown (no tokenizer files given, no args.vocab_size): "
               f"keeping all {rows} embedding rows, padding included", file=sys.stderr)
         return rows
     if pad_vocab_size(size, divisible, saved_tensor) != rows:
-        raise CheckpointError(f"{label}: the tokenizer has {size} tokens, but the embedding has {rows} rows, which "
-                              f"is not {size} padded to a multiple of {divisible} x {saved_tensor} tensor ranks")
+        raise CheckpointError(f"{label}: args.vocab_size={size}, but the embedding has {rows} rows, which is not "
+                              f"{size} padded to a multiple of {divisible} x {saved_tensor} tensor ranks")
     return size
 
 
 def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset: str | None = None,
-                  num_attention_heads: int | None = None, tokenizer: dict | None = None) -> Path:
+                  num_attention_heads: int | None = None, tokenizer: Any = None) -> Path:
     """Import a legacy Megatron-LM GPT-2 checkpoint as an mtlm checkpoint folder at tensor degree `tensor`.
 
     Heads cannot be read off the tensors: they come from the file's args, else `num_attention_heads`, else
-    the preset (a conf/model name). `tokenizer`: the metadata entry of the tokenizer the model was trained
-    with (its vocab_size is checked against the embedding)."""
+    the preset (a conf/model name). `tokenizer`: the tokenizer the model was trained with (mtlm.data); its
+    size is checked against the embedding, and it is recorded in the checkpoint's metadata."""
     label = str(src)
     ranks, args, version, info = read_megatron(src)
     first = ranks[0]
@@ -224,7 +234,8 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
     model["vocab_size"] = vocab
     source = {"megatron": str(Path(src).resolve()), "iteration": info["iteration"],
               "checkpoint_version": version, "tensor": saved_tensor}
-    return write_checkpoint(out_dir, model, full, tensor, source, {"tokenizer": tokenizer} if tokenizer else None)
+    extra = {"tokenizer": tokenizer_entry(tokenizer)} if tokenizer is not None else None
+    return write_checkpoint(out_dir, model, full, tensor, source, extra)
 
 
 def mtlm_to_megatron_name(name: str) -> str:
@@ -238,7 +249,7 @@ def mtlm_to_megatron_name(name: str) -> str:
 
 def _megatron_args(model: dict, tensor: int, padded: int, tokenizer: dict | None) -> argparse.Namespace:
     """The args Megatron-LM's loader compares with its own (check_checkpoint_args) and reads back."""
-    kind = (tokenizer or {}).get("kind")
+    kind = (tokenizer or {}).get("type")
     return argparse.Namespace(
         num_layers=model["num_layers"], hidden_size=model["hidden_size"],
         num_attention_heads=model["num_attention_heads"], ffn_hidden_size=4 * model["hidden_size"],
@@ -246,7 +257,8 @@ def _megatron_args(model: dict, tensor: int, padded: int, tokenizer: dict | None
         max_position_embeddings=model["max_position_embeddings"], seq_length=model["seq_length"],
         make_vocab_size_divisible_by=model["make_vocab_size_divisible_by"], padded_vocab_size=padded,
         vocab_size=model["vocab_size"], tensor_model_parallel_size=tensor, pipeline_model_parallel_size=1,
-        tokenizer_type={"gpt2": "GPT2BPETokenizer"}.get(kind), layernorm_epsilon=model["layernorm_eps"],
+        tokenizer_type=MEGATRON_TOKENIZERS.get((kind, (tokenizer or {}).get("lowercase"))),
+        layernorm_epsilon=model["layernorm_eps"],
         hidden_dropout=model["dropout"], attention_dropout=model["dropout"], init_method_std=model["init_std"],
     )
 
