@@ -321,8 +321,10 @@ def env_world_size() -> int | None:
     return None
 
 
-def compose_error(config_dir: str, overrides: list[str]) -> str | None:
+def compose_error(config_dir: str, overrides: list[str], config_name: str = "config",
+                  check: Any = None) -> str | None:
     """Compose and validate the config the way train.py will; any complaint as one line (None if fine).
+    `config_name` / `check`: another app's root config and validate function (mtlm.evaluate, mtlm.generate).
 
     Hydra reports a bad override or unknown preset over several lines; users get this single line instead,
     before Hydra makes an output dir or anything is launched.
@@ -334,8 +336,8 @@ def compose_error(config_dir: str, overrides: list[str]) -> str | None:
     register_configs()
     try:
         with initialize_config_dir(version_base="1.3", config_dir=config_dir, job_name="check"):
-            cfg = compose(config_name="config", overrides=overrides)
-        validate(cfg, env_world_size())
+            cfg = compose(config_name=config_name, overrides=overrides)
+        (check or validate)(cfg, env_world_size())
     except ConfigError as err:
         return f"config error: {err}"
     except (HydraException, OmegaConfBaseException) as err:

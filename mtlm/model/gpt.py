@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlm.model.kv_cache import KVCache, LayerKV, cached_attention
 from mtlm.parallel.checkpoint import checkpoint_block
 from mtlm.parallel.cross_entropy import mask_padded_logits_, vocab_parallel_cross_entropy
 from mtlm.parallel.layers import (
@@ -60,13 +61,15 @@ class Attention(nn.Module):
         self.qkv = ColumnParallelLinear(h, 3 * h, state, device=device, dtype=dtype)
         self.proj = RowParallelLinear(h, h, state, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: LayerKV | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
         p = self.dropout if self.training else 0.0
         attend = unfused_attention if _use_unfused(self.impl, x.device) else F.scaled_dot_product_attention
-        if p > 0:
+        if kv_cache is not None:  # generation: this layer's earlier keys/values + these (mtlm/model/kv_cache.py)
+            y = cached_attention(q, *kv_cache.append(k, v))
+        elif p > 0:
             # Attention dropout is inside the parallel region: masks must differ per tensor rank.
             with tensor_region_rng(self.device):
                 y = attend(q, k, v, dropout_p=p, is_causal=True)
@@ -97,8 +100,10 @@ def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
     scores = torch.baddbmm(_CAUSAL_BIAS[key].expand(b * n, s, s), q.reshape(b * n, s, d),
                            k.reshape(b * n, s, d).transpose(1, 2), alpha=1.0 / math.sqrt(d))
     # torch's softmax kernels accumulate bf16/fp16 in fp32 and round once on output: the same bits as an fp32
-    # softmax followed by a cast, without the fp32 [b*n, s, s] temporary and the two casts.
-    probs = scores.softmax(-1)
+    # softmax followed by a cast, without the fp32 [b*n, s, s] temporary and the two casts. The dtype is
+    # explicit because CUDA autocast runs a softmax without one in fp32 (CPU autocast does not): an fp32
+    # probability tensor would be saved for backward and cast twice.
+    probs = scores.softmax(-1, dtype=scores.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return torch.bmm(probs, v.reshape(b * n, s, d)).view(b, n, s, d)
@@ -127,8 +132,8 @@ class Block(nn.Module):
         # Residual dropout acts on the replicated stream: default RNG, identical across the tensor group.
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
+    def forward(self, x: torch.Tensor, kv_cache: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), kv_cache))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -166,12 +171,19 @@ class GPT(nn.Module):
                 s = residual_std if name.endswith("proj.weight") else std
                 init_sharded_(p, name, seed, s, r, t)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         """Logits of this rank's vocabulary slice [b, s, padded_vocab/t] (padded entries are -inf), or,
-        given targets, the per-token loss [b, s] from the fused vocab-parallel cross-entropy."""
-        positions = torch.arange(ids.shape[1], device=ids.device)
+        given targets, the per-token loss [b, s] from the fused vocab-parallel cross-entropy.
+
+        `kv_cache` (generation): `ids` are the positions after the cached ones, and their keys/values join it."""
+        start = kv_cache.length if kv_cache is not None else 0
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         x = self.drop(self.wte(ids) + self.wpe(positions))
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if kv_cache is not None:
+                x = block(x, kv_cache.layers[i])
+                continue
             x = checkpoint_block(block, x, self.state.device) if self.activation_checkpointing and \
                 self.training else block(x)
         x = self.ln_f(x)

@@ -1,0 +1,52 @@
+"""What the evaluate and generate apps share: the one-line override check, quiet non-main ranks under
+torchrun / SLURM, one-line exits for bad input, and a rank's process setup (as train.py does them)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mtlm.config import ConfigError
+from mtlm.data import DataError
+from mtlm.parallel.launch import RankEnv, rank_device, threads_per_rank
+from mtlm.parallel.state import ParallelState
+from mtlm.train.reshard import CheckpointError
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+BAD_INPUT = (ConfigError, DataError, CheckpointError)
+
+
+def check_overrides(config_name: str, check: Callable[[Any, int | None], None]) -> None:
+    """Bad keys, types, values: one line and exit 2, before Hydra makes an output dir (as train.py)."""
+    args = sys.argv[1:]
+    if any(a.startswith("-") for a in args):  # --help, --cfg ...: Hydra's own
+        return
+    from mtlm.config import compose_error
+
+    error = compose_error(CONF_DIR, args, config_name, check)
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank != "0":  # under torchrun / SLURM only rank 0 writes Hydra's outputs (see train.py)
+        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                     "hydra/hydra_logging=disabled"]
+
+
+def exit_bad_input(err: Exception) -> None:
+    kind = {ConfigError: "config", DataError: "data"}.get(type(err), "checkpoint")
+    print(f"{kind} error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def rank_state(env: RankEnv, tensor: int, device: str, num_threads: int | None, backend: str,
+               timeout_s: float) -> ParallelState:
+    """This rank's threads, device and place in the tensor group (data degree 1)."""
+    torch.set_num_threads(threads_per_rank(env.local_world_size, num_threads))
+    dev = rank_device(device, env.local_rank)
+    backend = backend if backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
+    return ParallelState.initialize(tensor, 1, env.rank, env.world_size, dev, backend, timeout_s)

@@ -1,0 +1,116 @@
+"""Zero-shot evaluation as in the paper's Table 3, at any tensor degree.
+
+    python -m mtlm.evaluate task=wikitext data.path=wikitext-103-raw/wiki.test.raw checkpoint.dir=checkpoints/x
+    python -m mtlm.evaluate task=lambada data.path=lambada_test.jsonl checkpoint.dir=DIR parallel.tensor=2
+
+WikiText-103: token perplexity and the adjusted one (normalised by WikiText's own word count) over
+overlapping windows; LAMBADA: strict accuracy (the whole last word), last-token accuracy, last-word perplexity.
+Results: stdout, eval.json in the output dir, and W&B (logger=none to skip it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mtlm.config import ConfigError, env_world_size
+from mtlm.eval.app import BAD_INPUT, check_overrides, exit_bad_input, rank_state
+from mtlm.eval.config import register_eval_configs, validate_evaluate
+from mtlm.parallel.launch import RankEnv, launch
+
+register_eval_configs()
+
+
+def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> None:
+    from mtlm.eval.loading import autocast, load_gpt
+    from mtlm.eval.tasks import evaluate_lambada, evaluate_wikitext
+    from mtlm.train.reshard import read_metadata
+
+    cfg = OmegaConf.create(cfg_dict)
+    e = cfg.eval
+    state = rank_state(env, cfg.parallel.tensor, e.device, e.num_threads, cfg.parallel.backend,
+                       cfg.parallel.timeout_s)
+    try:
+        meta = read_metadata(job["step_dir"])
+        model = load_gpt(job["step_dir"], meta, state)
+        cast = lambda: autocast(cfg.precision.dtype, state.device)
+        if cfg.task == "wikitext":
+            result = evaluate_wikitext(model, job["ids"], job["num_original_tokens"], job["seq_length"], e.overlap,
+                                       e.batch_size, cast)
+        else:
+            result = evaluate_lambada(model, job["strict"], job["last_token"], job["seq_length"], e.batch_size,
+                                      cast)
+        if state.is_main:
+            report(cfg, {**result, **job["about"]}, out_dir)
+    finally:
+        state.destroy()
+
+
+def report(cfg: Any, result: dict[str, Any], out_dir: str | None) -> None:
+    """stdout, eval.json and (logger.name=wandb) a W&B run whose summary holds the results."""
+    print(json.dumps(result, indent=1), flush=True)
+    if out_dir is None:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "eval.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    if cfg.logger.name == "wandb":
+        from mtlm.metrics.sinks import WandbSink
+
+        sink = WandbSink(cfg.logger, OmegaConf.to_container(cfg, resolve=True), out_dir)
+        sink.summary({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        sink.close("ok")
+    print(f"wrote {path}", flush=True)
+
+
+def prepare_job(cfg: Any) -> dict[str, Any]:
+    """Everything checked and tokenized in the launching process: bad input is one line before any spawn."""
+    from mtlm.eval.loading import load_tokenizer, read_checkpoint
+    from mtlm.eval.tasks import prepare
+
+    step_dir, meta = read_checkpoint(cfg.checkpoint.dir)
+    model = meta["model"]
+    seq_length = cfg.eval.seq_length or model["seq_length"]
+    if seq_length > model["max_position_embeddings"]:
+        raise ConfigError("eval.seq_length", f"{seq_length} exceeds the model's {model['max_position_embeddings']} "
+                          "positions")
+    if cfg.eval.overlap > seq_length:
+        raise ConfigError("eval.overlap", f"{cfg.eval.overlap} exceeds the window of {seq_length} tokens")
+    if model["num_attention_heads"] % cfg.parallel.tensor:
+        raise ConfigError("parallel.tensor", f"{cfg.parallel.tensor} does not divide the checkpoint's "
+                          f"{model['num_attention_heads']} attention heads (each rank owns whole heads, §3)")
+    tok = load_tokenizer(meta, cfg.data.tokenizer, step_dir)
+    job = prepare(cfg.task, cfg.data.path, cfg.data.text_key, tok.encode)
+    about = {"task": cfg.task, "data": os.path.abspath(os.path.expanduser(cfg.data.path)),
+             "checkpoint": str(step_dir.resolve()), "step": meta["step"], "tensor": cfg.parallel.tensor,
+             "tokenizer": tok.path, "seq_length": seq_length, "precision": cfg.precision.dtype}
+    if cfg.task == "wikitext":
+        about["overlap"] = cfg.eval.overlap
+    return {**job, "step_dir": str(step_dir), "seq_length": seq_length, "about": about}
+
+
+def run(cfg: DictConfig, out_dir: str | None) -> None:
+    try:
+        validate_evaluate(cfg, env_world_size())
+        job = prepare_job(cfg)
+    except BAD_INPUT as err:
+        exit_bad_input(err)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    launch(_worker, cfg.parallel.tensor, (cfg_dict, job, out_dir))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run(cfg, hydra_cfg.runtime.output_dir if hydra_cfg.output_subdir is not None else None)
+
+
+if __name__ == "__main__":
+    check_overrides("evaluate", validate_evaluate)
+    main()
