@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from mtlm.model.gpt import GPT, _use_unfused, unfused_attention
 from mtlm.parallel import ParallelState, gather_last_dim
@@ -48,6 +49,38 @@ def test_unfused_attention_in_bf16_stays_close_to_fp32() -> None:
                            qb, kb.transpose(1, 2), alpha=32 ** -0.5)
     reference = torch.bmm(scores.float().softmax(-1).bfloat16(), vb).view(2, 4, 64, 32)
     assert torch.equal(got, reference)
+
+
+class _CudaSoftmaxPolicy(TorchFunctionMode):
+    """CUDA autocast's rule for softmax, which CPU autocast lacks: without an explicit dtype it runs in fp32.
+    Records the dtype of every softmax output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_dtypes: list[torch.dtype] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.softmax, torch.softmax, F.softmax):
+            if len(args) < 3 and kwargs.get("dtype") is None:
+                kwargs["dtype"] = torch.float32
+            out = func(*args, **kwargs)
+            self.out_dtypes.append(out.dtype)
+            return out
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unfused_attention_keeps_the_compute_dtype_under_cuda_autocast_rules(dtype: torch.dtype) -> None:
+    """Issue 17 (4): the probabilities stay in the compute dtype even where autocast would make them fp32."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 8, 4, generator=gen, dtype=dtype) for _ in range(3))
+    with torch.autocast("cpu", dtype=dtype), _CudaSoftmaxPolicy() as policy:
+        y = unfused_attention(q, k, v)
+    assert policy.out_dtypes == [dtype] and y.dtype == dtype
+    with _CudaSoftmaxPolicy() as policy:  # fp32 stays fp32
+        unfused_attention(*(t.float() for t in (q, k, v)))
+    assert policy.out_dtypes == [torch.float32]
 
 
 def test_attention_choice() -> None:
