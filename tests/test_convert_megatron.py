@@ -13,7 +13,8 @@ import torch
 
 from mtlm import load_model
 from mtlm.convert import main
-from mtlm.interop.megatron import from_megatron, qkv_to_mtlm, to_megatron
+from mtlm.interop.megatron import from_megatron, qkv_to_mtlm
+from mtlm.interop.megatron_export import to_megatron
 from mtlm.interop.pickles import UnsafeCheckpointError, safe_load
 from mtlm.interop.writer import read_checkpoint
 from mtlm.train.reshard import CheckpointError, read_metadata

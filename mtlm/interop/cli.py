@@ -72,7 +72,7 @@ def _from_megatron(args: argparse.Namespace) -> Path:
 
 @_guard
 def _to_megatron(args: argparse.Namespace) -> Path:
-    from mtlm.interop.megatron import to_megatron
+    from mtlm.interop.megatron_export import to_megatron
 
     return to_megatron(args.checkpoint, args.out_dir, args.tensor)
 

@@ -17,7 +17,6 @@ running code: mtlm.interop.pickles) holding `model` (the state dict, nested as `
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -25,14 +24,15 @@ from typing import Any
 
 import torch
 
+from mtlm.api import model_config
 from mtlm.data.errors import DataError
 from mtlm.data.hf_tokenizers import check_vocab, tokenizer_entry
-from mtlm.interop.megatron_files import TRACKER, rank_files
+from mtlm.interop.megatron_files import rank_files
 from mtlm.interop.pickles import safe_load
-from mtlm.interop.writer import build_on_meta, read_checkpoint, write_checkpoint
+from mtlm.interop.writer import build_on_meta, write_checkpoint
 from mtlm.parallel.layers import pad_vocab_size
 from mtlm.parallel.state import ParallelState
-from mtlm.train.reshard import CheckpointError
+from mtlm.train.reshard import PADDED_VOCAB, CheckpointError
 
 # mtlm's per-layer module name -> (Megatron 1.x name, Megatron 2.x name). 2.x renamed attention only.
 LAYER_NAMES = {
@@ -50,7 +50,15 @@ GLOBAL_NAMES = {
     r"(?:embedding\.)?word_embeddings\.weight": "wte.weight",
     r"(?:embedding\.)?position_embeddings\.weight": "wpe.weight",
     r"(?:transformer|encoder)\.final_layernorm\.(weight|bias)": r"ln_f.\1",
+    # Megatron-BERT's: token types, pooler (under language_model), LM head and binary head (beside it).
+    r"(?:embedding\.)?tokentype_embeddings\.weight": "tte.weight",
+    r"pooler\.dense\.(weight|bias)": r"pooler.\1",
+    r"lm_head\.dense\.(weight|bias)": r"lm_head.dense.\1",
+    r"lm_head\.(?:layernorm|norm)\.(weight|bias)": r"lm_head.ln.\1",
+    r"lm_head\.bias": "lm_head.bias",
+    r"binary_head\.(weight|bias)": r"sop_head.\1",
 }
+BERT_TARGET, GPT_TARGET = "mtlm.model.bert.BERT", "mtlm.model.gpt.GPT"
 VERSIONS = (0, 1.0, 2.0, 3.0)
 # (mtlm tokenizer type, lowercase) -> Megatron-LM's --tokenizer-type, written into to-megatron's args.
 MEGATRON_TOKENIZERS = {("gpt2", None): "GPT2BPETokenizer", ("wordpiece", True): "BertWordPieceLowerCase",
@@ -69,7 +77,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def mtlm_name(name: str) -> str | None:
-    """A Megatron GPT-2 parameter name (any generation) -> mtlm's, or None if it is not one."""
+    """A Megatron GPT-2 or BERT parameter name (any generation) -> mtlm's, or None if it is not one."""
     name = re.sub(r"^(?:module\.)*(?:language_model\.)?", "", name)
     m = _LAYER.match(name)
     if m and m[2] in _FROM_MEGATRON:
@@ -136,8 +144,8 @@ def read_megatron(src: str | Path) -> tuple[list[dict[str, torch.Tensor]], Any, 
         for name, t in flatten(ckpt["model"]).items():
             ours = mtlm_name(name)
             if ours is None:
-                raise CheckpointError(f"{rf.name}: unexpected tensor {name}: not part of a GPT-2 model mtlm "
-                                      "can represent")
+                raise CheckpointError(f"{rf.name}: unexpected tensor {name}: not part of a GPT-2 or BERT model "
+                                      "mtlm can represent")
             tensors[ours] = t
         ranks.append(tensors)
     if args is not None:
@@ -186,9 +194,39 @@ def _real_vocab(rows: int, saved_tensor: int, divisible: int, tokenizer: Any, ar
     return size
 
 
+def _activation(args: Any) -> str:
+    """Megatron-LM's GeLU: its fused bias-GeLU kernel (the default, and all 2019-2020 code) and --openai-gelu
+    are the tanh approximation; only --no-bias-gelu-fusion without --openai-gelu runs the exact (erf) one."""
+    if args is not None and getattr(args, "bias_gelu_fusion", True) is False and not getattr(args, "openai_gelu",
+                                                                                           False):
+        return "gelu"
+    return "gelu_tanh"
+
+
+def model_section(first: dict[str, torch.Tensor], saved_tensor: int, args: Any, spec: dict, heads: int,
+                  name: str) -> dict:
+    """The mtlm model section of a Megatron checkpoint: shapes from the tensors, the rest from args (else the
+    preset, else Megatron's defaults). vocab_size is the embedding's rows; the caller cuts the padding."""
+    bert = "tte.weight" in first or "lm_head.bias" in first
+    positions = first["wpe.weight"].shape[0]
+    dropout = getattr(args, "hidden_dropout", None) if args is not None else spec.get("dropout")
+    return {
+        "_target_": BERT_TARGET if bert else GPT_TARGET, "name": name,
+        "num_layers": 1 + max(int(n.split(".")[1]) for n in first if n.startswith("blocks.")),
+        "hidden_size": first["wte.weight"].shape[1], "num_attention_heads": heads,
+        "seq_length": min(getattr(args, "seq_length", None) or spec.get("seq_length", positions), positions),
+        "max_position_embeddings": positions, "vocab_size": first["wte.weight"].shape[0] * saved_tensor,
+        "make_vocab_size_divisible_by": getattr(args, "make_vocab_size_divisible_by", None) or spec.get(
+            "make_vocab_size_divisible_by", 128),
+        "dropout": 0.1 if dropout is None else dropout, "init_std": getattr(args, "init_method_std", 0.02),
+        "layernorm_eps": getattr(args, "layernorm_epsilon", 1e-5), "activation": _activation(args),
+        "layernorm_order": "pre",
+    }
+
+
 def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset: str | None = None,
                   num_attention_heads: int | None = None, tokenizer: Any = None) -> Path:
-    """Import a legacy Megatron-LM GPT-2 checkpoint as an mtlm checkpoint folder at tensor degree `tensor`.
+    """Import a legacy Megatron-LM GPT-2 or BERT checkpoint as an mtlm checkpoint folder at `tensor`.
 
     Heads cannot be read off the tensors: they come from the file's args, else `num_attention_heads`, else
     the preset (a conf/model name). `tokenizer`: the tokenizer the model was trained with (mtlm.data); its
@@ -198,98 +236,34 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
     first = ranks[0]
     for needed in ("wte.weight", "wpe.weight", "ln_f.weight"):
         if needed not in first:
-            raise CheckpointError(f"{label}: no {needed.split('.')[0]} tensor: not a GPT-2 checkpoint")
-    layers = 1 + max(int(n.split(".")[1]) for n in first if n.startswith("blocks."))
-    hidden, positions = first["wte.weight"].shape[1], first["wpe.weight"].shape[0]
+            raise CheckpointError(f"{label}: no {needed.split('.')[0]} tensor: not a GPT-2 or BERT checkpoint")
     spec = _preset(preset) if preset else {}
     heads = getattr(args, "num_attention_heads", None) or num_attention_heads or spec.get("num_attention_heads")
     if heads is None:
         raise CheckpointError(f"{label}: no args in the file, so the number of attention heads is unknown: pass "
                               "--num-attention-heads N or --preset NAME")
-    for key, value in (("num_attention_heads", num_attention_heads), ("num_layers", layers),
-                       ("hidden_size", hidden)):
+    model = model_section(first, len(ranks), args, spec, heads, preset or Path(out_dir).name)
+    for key in ("num_attention_heads", "num_layers", "hidden_size"):
+        value = num_attention_heads if key == "num_attention_heads" else model[key]
         for where, have in (("args", getattr(args, key, None)), (f"--preset {preset}", spec.get(key))):
             if have is not None and value is not None and have != value:
                 raise CheckpointError(f"{label}: {where} says {key}={have}, the checkpoint has {value}")
-    saved_tensor = len(ranks)
-    divisible = getattr(args, "make_vocab_size_divisible_by", None) or spec.get("make_vocab_size_divisible_by",
-                                                                               128)
-    model = {
-        "name": preset or Path(out_dir).name, "num_layers": layers, "hidden_size": hidden,
-        "num_attention_heads": heads, "seq_length": min(getattr(args, "seq_length", None) or spec.get(
-            "seq_length", positions), positions), "max_position_embeddings": positions,
-        "make_vocab_size_divisible_by": divisible,
-        "dropout": getattr(args, "hidden_dropout", None) if args is not None else spec.get("dropout", 0.1),
-        "init_std": getattr(args, "init_method_std", 0.02), "layernorm_eps": getattr(args, "layernorm_epsilon",
-                                                                                       1e-5),
-    }
-    if model["dropout"] is None:
-        model["dropout"] = 0.1
-    model["vocab_size"] = rows = first["wte.weight"].shape[0] * saved_tensor
-    shapes = build_on_meta(argparse.Namespace(**model), rows, ParallelState())
+    rows = model["vocab_size"]
+    shapes = build_on_meta(model_config({"model": model}), rows, ParallelState())
     dims = {n: getattr(p, "partition_dim", None) for n, p in shapes.named_parameters()}
     full = join_ranks(ranks, version, heads, dims, label)
-    vocab = _real_vocab(rows, saved_tensor, divisible, tokenizer, args, label)
-    full["wte.weight"] = full["wte.weight"][:vocab]
+    if "sop_head.weight" in dims and "sop_head.weight" not in full:
+        # Trained without --bert-binary-head: mtlm's BERT has one; it starts at zero (logits 0: no opinion).
+        print(f"note: {label}: no binary head (trained without sentence-order prediction); mtlm's starts at zero",
+              file=sys.stderr)
+        full["sop_head.weight"] = torch.zeros(2, model["hidden_size"])
+        full["sop_head.bias"] = torch.zeros(2)
+    vocab = _real_vocab(rows, len(ranks), model["make_vocab_size_divisible_by"], tokenizer, args, label)
+    for name in PADDED_VOCAB:
+        if name in full:
+            full[name] = full[name][:vocab]
     model["vocab_size"] = vocab
     source = {"megatron": str(Path(src).resolve()), "iteration": info["iteration"],
-              "checkpoint_version": version, "tensor": saved_tensor}
+              "checkpoint_version": version, "tensor": len(ranks)}
     extra = {"tokenizer": tokenizer_entry(tokenizer)} if tokenizer is not None else None
     return write_checkpoint(out_dir, model, full, tensor, source, extra)
-
-
-def mtlm_to_megatron_name(name: str) -> str:
-    """mtlm's name -> Megatron 2.x/3.0's dotted name under `language_model.` (the inverse of mtlm_name)."""
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m:
-        return f"encoder.layers.{m[1]}.{LAYER_NAMES[m[2]][1]}.{m[3]}"
-    return {"wte.weight": "embedding.word_embeddings.weight", "wpe.weight": "embedding.position_embeddings.weight",
-            "ln_f.weight": "encoder.final_layernorm.weight", "ln_f.bias": "encoder.final_layernorm.bias"}[name]
-
-
-def _megatron_args(model: dict, tensor: int, padded: int, tokenizer: dict | None) -> argparse.Namespace:
-    """The args Megatron-LM's loader compares with its own (check_checkpoint_args) and reads back."""
-    kind = (tokenizer or {}).get("type")
-    return argparse.Namespace(
-        num_layers=model["num_layers"], hidden_size=model["hidden_size"],
-        num_attention_heads=model["num_attention_heads"], ffn_hidden_size=4 * model["hidden_size"],
-        kv_channels=model["hidden_size"] // model["num_attention_heads"],
-        max_position_embeddings=model["max_position_embeddings"], seq_length=model["seq_length"],
-        make_vocab_size_divisible_by=model["make_vocab_size_divisible_by"], padded_vocab_size=padded,
-        vocab_size=model["vocab_size"], tensor_model_parallel_size=tensor, pipeline_model_parallel_size=1,
-        tokenizer_type=MEGATRON_TOKENIZERS.get((kind, (tokenizer or {}).get("lowercase"))),
-        layernorm_epsilon=model["layernorm_eps"],
-        hidden_dropout=model["dropout"], attention_dropout=model["dropout"], init_method_std=model["init_std"],
-    )
-
-
-def to_megatron(checkpoint: str | Path, out_dir: str | Path, tensor: int = 1) -> Path:
-    """Write an mtlm checkpoint as a Megatron-LM checkpoint (version 3.0 layout, `release`) at `tensor`."""
-    meta, full = read_checkpoint(checkpoint)
-    model = meta["model"]
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out}: not empty; to-megatron writes into a new or empty folder")
-    if model["num_attention_heads"] % tensor:
-        raise CheckpointError(f"--tensor {tensor} does not divide the model's {model['num_attention_heads']} heads")
-    padded = pad_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], tensor)
-    wte = full["wte.weight"]
-    full["wte.weight"] = torch.cat([wte, wte.new_zeros(padded - wte.shape[0], wte.shape[1])])
-    args = _megatron_args(model, tensor, padded, meta.get("tokenizer"))
-    for rank in range(tensor):
-        lm: dict[str, Any] = {}
-        for name, value in full.items():
-            dim = meta["tensors"][f"model.{name}"]["partition_dim"]
-            local = value if dim is None else value.chunk(tensor, dim)[rank]
-            section, _, rest = mtlm_to_megatron_name(name).partition(".")
-            if section == "embedding":  # nested as Megatron's Embedding.state_dict_for_save_checkpoint writes it
-                module, _, param = rest.partition(".")
-                lm.setdefault("embedding", {}).setdefault(module, {})[param] = local.clone()
-            else:  # the transformer's state dict is flat
-                lm.setdefault(section, {})[rest] = local.clone()
-        path = out / "release" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
-        path.parent.mkdir(parents=True)
-        torch.save({"model": {"language_model": lm}, "checkpoint_version": 3.0, "iteration": meta["step"],
-                    "args": args}, path)
-    (out / TRACKER).write_text("release\n", encoding="utf-8")
-    return out
