@@ -35,6 +35,8 @@ MAX_TRAIN_BYTES = 64 * 2**20
 class Tokenizer:
     """A sentencepiece model loaded from a .model file."""
 
+    kind = "sentencepiece"  # data.tokenizer.type (mtlm/data/text_tokenizer.py)
+
     def __init__(self, path: str):
         self.path = os.path.abspath(os.path.expanduser(path))
         self._sp = spm.SentencePieceProcessor()
@@ -90,6 +92,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         # Accepts lists, numpy arrays and 1-D tensors alike.
         return self._sp.DecodeIds([int(i) for i in ids])
+
+    def entry(self) -> dict:
+        """This tokenizer as a checkpoint's metadata `tokenizer` entry."""
+        return {"type": self.kind, "path": self.path, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
