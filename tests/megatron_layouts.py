@@ -30,7 +30,8 @@ def random_gpt2(seed: int = 0, layers: int = LAYERS, hidden: int = HIDDEN, heads
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=hidden, n_layer=layers, n_head=heads,
                         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        initializer_range=0.2, layer_norm_epsilon=1e-5)
+                        initializer_range=0.2, layer_norm_epsilon=1e-5, bos_token_id=vocab - 1,
+                        eos_token_id=vocab - 1)
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -144,3 +145,83 @@ def pickle_bytes(obj: object, legacy: bool) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf, _use_new_zipfile_serialization=not legacy)
     return buf.getvalue()
+
+
+def random_megatron_bert(seed: int = 0, layers: int = LAYERS, hidden: int = HIDDEN, heads: int = HEADS,
+                         vocab: int = VOCAB, positions: int = POSITIONS, act: str = "gelu_new"):
+    """A transformers MegatronBertForPreTraining with large random weights (eps 1e-5, Megatron's)."""
+    from transformers import MegatronBertConfig, MegatronBertForPreTraining
+
+    torch.manual_seed(seed)
+    config = MegatronBertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=4 * hidden, hidden_act=act,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                max_position_embeddings=positions, type_vocab_size=2, initializer_range=0.2,
+                                layer_norm_eps=1e-5)
+    model = MegatronBertForPreTraining(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln." in name or "LayerNorm" in name or name.endswith(".ln.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def bert_rank_state(hf_sd: dict[str, torch.Tensor], heads: int, rank: int, tensor: int, version: float,
+                    new_names: bool, padded_vocab: int, binary_head: bool = True) -> dict:
+    """`model` of tensor rank `rank`'s file of a Megatron-BERT, from MegatronBertForPreTraining's weights."""
+    sd = {k.removeprefix("bert."): v for k, v in hf_sd.items()}
+    gpt_like = {"transformer.wte.weight": sd["embeddings.word_embeddings.weight"],
+                "transformer.wpe.weight": sd["embeddings.position_embeddings.weight"],
+                "transformer.ln_f.weight": sd["encoder.ln.weight"], "transformer.ln_f.bias": sd["encoder.ln.bias"]}
+    n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
+    for i in range(n_layers):
+        e, h = f"encoder.layer.{i}.", f"transformer.h.{i}."
+        qkv = [sd[f"{e}attention.self.{x}.weight"] for x in ("query", "key", "value")]
+        gpt_like[h + "attn.c_attn.weight"] = torch.cat(qkv).t()  # GPT-2's Conv1D layout: [in, out]
+        gpt_like[h + "attn.c_attn.bias"] = torch.cat([sd[f"{e}attention.self.{x}.bias"]
+                                                      for x in ("query", "key", "value")])
+        for ours, theirs in (("ln_1", "attention.ln"), ("ln_2", "ln")):
+            gpt_like[f"{h}{ours}.weight"], gpt_like[f"{h}{ours}.bias"] = sd[f"{e}{theirs}.weight"], \
+                sd[f"{e}{theirs}.bias"]
+        for ours, theirs in (("attn.c_proj", "attention.output.dense"), ("mlp.c_fc", "intermediate.dense"),
+                             ("mlp.c_proj", "output.dense")):
+            gpt_like[f"{h}{ours}.weight"] = sd[f"{e}{theirs}.weight"].t()
+            gpt_like[f"{h}{ours}.bias"] = sd[f"{e}{theirs}.bias"]
+    state = rank_state(gpt_like, heads, rank, tensor, version, new_names, padded_vocab)
+    lm = state["language_model"]
+    lm["embedding"]["tokentype_embeddings"] = {"weight": sd["embeddings.token_type_embeddings.weight"].clone()}
+    lm["pooler"] = {"dense.weight": sd["pooler.dense.weight"].clone(), "dense.bias": sd["pooler.dense.bias"].clone()}
+    bias = torch.cat([sd["cls.predictions.bias"], torch.randn(padded_vocab - sd["cls.predictions.bias"].shape[0])])
+    norm = "norm" if version >= 3.0 else "layernorm"  # newer Megatron-LM renamed it
+    state["lm_head"] = {"bias": bias.chunk(tensor)[rank].clone(),
+                        "dense.weight": sd["cls.predictions.transform.dense.weight"].clone(),
+                        "dense.bias": sd["cls.predictions.transform.dense.bias"].clone(),
+                        f"{norm}.weight": sd["cls.predictions.transform.LayerNorm.weight"].clone(),
+                        f"{norm}.bias": sd["cls.predictions.transform.LayerNorm.bias"].clone()}
+    if binary_head:
+        state["binary_head"] = {"weight": sd["cls.seq_relationship.weight"].clone(),
+                                "bias": sd["cls.seq_relationship.bias"].clone()}
+    return state
+
+
+def write_megatron_bert(root: Path, hf_model, version: float, tensor: int, with_args: bool,
+                        binary_head: bool = True, extra_args: dict | None = None) -> Path:
+    """A Megatron-BERT checkpoint folder (tracker + release/mp_rank_*) from a MegatronBertForPreTraining."""
+    cfg = hf_model.config
+    padded = -(-cfg.vocab_size // (128 * tensor)) * 128 * tensor
+    hf_sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
+    root.mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("release")
+    for rank in range(tensor):
+        ckpt = {"model": bert_rank_state(hf_sd, cfg.num_attention_heads, rank, tensor, version, version >= 2.0,
+                                         padded, binary_head), "iteration": 0}
+        if version:
+            ckpt["checkpoint_version"] = version
+        if with_args:
+            ckpt["args"] = megatron_args(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                                         cfg.max_position_embeddings, padded, tensor, version)
+            vars(ckpt["args"]).update(extra_args or {})
+        path = root / "release" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
+        path.parent.mkdir(parents=True)
+        torch.save(ckpt, path)
+    return root

@@ -235,3 +235,31 @@ def test_converted_checkpoints_at_tensor_degree_2(hf, tmp_path: Path) -> None:
     for ours in results[0]:
         _assert_logits(ours, hf)
     assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
+
+
+def test_gpt2_bpe_files_are_checked_and_recorded(hf, tmp_path: Path, capsys) -> None:
+    from mtlm.data.gpt2_bpe import bytes_to_symbols, write_bpe_files
+    from mtlm.data.text_tokenizer import tokenizer_from_entry
+
+    symbols = list(bytes_to_symbols().values())
+    merges = [(a, b) for a in "etaoinsh" for b in "shrdlucm"][: VOCAB - 257]  # 256 bytes + merges + <|endoftext|>
+    vocab = {s: i for i, s in enumerate(symbols + [a + b for a, b in merges] + ["<|endoftext|>"])}
+    assert len(vocab) == VOCAB
+    vocab_json, merges_txt = write_bpe_files(tmp_path / "tok", vocab, merges)
+    src = write_megatron(tmp_path / "meg", hf, 3.0, 1, True, True)
+    assert main(["from-megatron", str(src), str(tmp_path / "ck"), "--vocab-file", str(vocab_json),
+                 "--merge-file", str(merges_txt)]) == 0
+    meta = read_metadata(tmp_path / "ck" / "step_00000000")
+    assert meta["model"]["vocab_size"] == VOCAB and meta["tokenizer"]["type"] == "gpt2"
+    tok = tokenizer_from_entry(meta["tokenizer"])
+    assert tok.eos_id == VOCAB - 1 and tok.decode(tok.encode("the heat")) == "the heat"
+    # A 400-token BPE (padded: 512 rows) is not this model's (384 rows): one line, nothing written.
+    merges = [(a, b) for a in "etaoinshrdlucmfwyp" for b in "etaoinshrdlucmfwyp"][:143]
+    big = {s: i for i, s in enumerate(symbols + [a + b for a, b in merges] + ["<|endoftext|>"])}
+    vocab_json, merges_txt = write_bpe_files(tmp_path / "big", big, merges)
+    capsys.readouterr()
+    assert main(["from-megatron", str(src), str(tmp_path / "bad"), "--vocab-file", str(vocab_json),
+                 "--merge-file", str(merges_txt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has 400 tokens, which does not fit the checkpoint's 384 embedding rows" in err and "\n" not in err
+    assert not (tmp_path / "bad").exists()

@@ -49,7 +49,9 @@ def open_tokenizer(args: argparse.Namespace) -> Any:
 def _gpt2_bpe(vocab_json: str, merges: str | None) -> Any:
     if not merges:
         raise DataError(f"--vocab-file {vocab_json}: a GPT-2 BPE needs --merge-file merges.txt too")
-    raise DataError("GPT-2 BPE tokenizer files are not supported yet (issue 12 brings the tokenizer)")
+    from mtlm.data.gpt2_bpe import GPT2BPETokenizer
+
+    return GPT2BPETokenizer(vocab_json, merges)
 
 
 def _guard(fn):
