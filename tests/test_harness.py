@@ -1,0 +1,122 @@
+"""The lm-evaluation-harness adapter (issue 13): its log-likelihoods against mtlm's own evaluation, an
+lm-eval run on a local task this test writes (no hub downloads), and the hook that lets `lm_eval --model mtlm`
+find the adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from mtlm.api import load_model  # noqa: E402
+from mtlm.eval.generation import Sampling, generate  # noqa: E402
+from mtlm.eval.harness import MtlmLM, install_hook  # noqa: E402
+from mtlm.eval.scoring import score_continuations, score_stream  # noqa: E402
+from tests.eval_helpers import make_checkpoint  # noqa: E402
+
+DOCS = [{"context": "Return the value", "continuation": " of the variable", "text": "The quick brown fox jumps."},
+        {"context": "A layer splits its", "continuation": " weight by columns",
+         "text": "Valkyria Chronicles III is a tactical role-playing game; it sold 1,000 copies in 2011."}]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harness")
+    return MtlmLM(checkpoint=str(make_checkpoint(root)), batch_size=2), root
+
+
+def _req(kind, args):
+    return Instance(kind, {}, args, 0)
+
+
+def test_loglikelihoods_equal_mtlm_evaluation(lm):
+    lm, _ = lm
+    tok, model = lm.tokenizer, lm.model
+    got = lm.loglikelihood([_req("loglikelihood", (d["context"], d["continuation"])) for d in DOCS])
+    pairs = [(tok.encode(d["context"]), tok.encode(d["continuation"])) for d in DOCS]
+    ours = score_continuations(model, pairs, lm.max_length)
+    plain = load_model(lm.tokenizer.path.replace("tok.model", "ckpt"))
+    for (logprob, greedy), mine, (ctx, cont) in zip(got, ours, pairs, strict=True):
+        assert len(ctx) + len(cont) <= lm.max_length + 1  # whole: no context cut off
+        assert logprob == pytest.approx(mine.logprob, rel=1e-5) and greedy == mine.greedy
+        with torch.no_grad():  # independently: the plain degree-1 model's logits
+            logp = F.log_softmax(plain(torch.tensor([ctx + cont[:-1]]))[0].double(), -1)[len(ctx) - 1:]
+        assert logprob == pytest.approx(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item(), rel=1e-5)
+    # a trailing space of the context moves to the continuation; an empty context is the start of a document
+    moved = lm.loglikelihood([_req("loglikelihood", ("Return the value ", "of the variable")),
+                              _req("loglikelihood", ("", "Return"))])
+    assert moved[0][0] == pytest.approx(got[0][0], rel=1e-6)
+    start = score_continuations(model, [([tok.eos_id], tok.encode("Return"))], lm.max_length)[0]
+    assert moved[1][0] == pytest.approx(start.logprob, rel=1e-6)
+
+    text = DOCS[1]["text"] * 3  # longer than one 32-token window: rolling windows
+    rolling = lm.loglikelihood_rolling([_req("loglikelihood_rolling", (text,))])[0]
+    loss_sum, n = score_stream(model, [tok.eos_id] + tok.encode(text), lm.max_length, lm.max_length)
+    assert n > lm.max_length and rolling == pytest.approx(-loss_sum, rel=1e-5)
+
+
+def _write_task(root, kind: str, extra: str) -> None:
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
+    (root / f"mtlm_{kind}.yaml").write_text(
+        f"task: mtlm_{kind}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f"test_split: test\n{extra}", encoding="utf-8")
+
+
+def test_lm_eval_runs_a_local_task(lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, _ = lm
+    _write_task(tmp_path, "ll", 'output_type: loglikelihood\ndoc_to_text: "{{context}}"\n'
+                'doc_to_target: "{{continuation}}"\nmetric_list:\n  - metric: acc\n  - metric: perplexity\n')
+    _write_task(tmp_path, "rolling", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+                'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n')
+    _write_task(tmp_path, "gen", 'output_type: generate_until\ndoc_to_text: "{{context}}"\n'
+                'doc_to_target: "{{continuation}}"\ngeneration_kwargs:\n  until: ["."]\n  max_gen_toks: 6\n'
+                'metric_list:\n  - metric: exact_match\n')
+    import lm_eval.evaluator
+    from lm_eval.tasks import TaskManager
+
+    # Seconds this test does not need: torch's collect_env subprocesses, and indexing lm-eval's ~14k task files.
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=model, tasks=["mtlm_ll", "mtlm_rolling", "mtlm_gen"], task_manager=tasks,
+                                  log_samples=True, bootstrap_iters=0)
+    res = out["results"]
+    ll = model.loglikelihood([_req("loglikelihood", (d["context"], d["continuation"])) for d in DOCS])
+    assert res["mtlm_ll"]["acc,none"] == pytest.approx(sum(g for _, g in ll) / len(DOCS))
+    assert res["mtlm_ll"]["perplexity,none"] == pytest.approx(math.exp(-sum(lp for lp, _ in ll) / len(DOCS)),
+                                                              rel=1e-5)
+    rolled = model.loglikelihood_rolling([_req("loglikelihood_rolling", (d["text"],)) for d in DOCS])
+    words = sum(len(d["text"].split()) for d in DOCS)  # lm-eval's word count (whitespace split)
+    assert res["mtlm_rolling"]["word_perplexity,none"] == pytest.approx(math.exp(-sum(rolled) / words), rel=1e-5)
+    tok = model.tokenizer
+    for sample in out["samples"]["mtlm_gen"]:
+        ids = tok.encode(sample["doc"]["context"])
+        text = tok.decode(generate(model.model, ids, 6, Sampling(0.0), eod_id=tok.eos_id))
+        assert sample["resps"][0][0] == text.split(".")[0]  # greedy, cut at the stop string
+
+
+def test_plain_lm_eval_command_finds_mtlm_through_the_hook(tmp_path):
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    pth = install_hook(str(site_dir))
+    assert open(pth, encoding="utf-8").read().startswith("import mtlm.eval.lm_eval_hook")
+    code = ("import site, sys; site.addsitedir(sys.argv[1]); heavy = 'torch' in sys.modules; "
+            "from lm_eval.api.registry import get_model; cls = get_model('mtlm'); "
+            "print(heavy, cls.__module__, cls.__name__)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(site_dir)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "mtlm.eval.harness", "MtlmLM"]  # no torch until mtlm is asked for
