@@ -89,7 +89,7 @@ def prepare_job(cfg: Any) -> dict[str, Any]:
     job = prepare(cfg.task, cfg.data.path, cfg.data.text_key, tok.encode)
     about = {"task": cfg.task, "data": os.path.abspath(os.path.expanduser(cfg.data.path)),
              "checkpoint": str(step_dir.resolve()), "step": meta["step"], "tensor": cfg.parallel.tensor,
-             "tokenizer": tok.path, "seq_length": seq_length, "precision": cfg.precision.dtype}
+             "tokenizer": tok.entry(), "seq_length": seq_length, "precision": cfg.precision.dtype}
     if cfg.task == "wikitext":
         about["overlap"] = cfg.eval.overlap
     return {**job, "step_dir": str(step_dir), "seq_length": seq_length, "about": about}

@@ -28,7 +28,7 @@ register_eval_configs()
 
 
 def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> None:
-    from mtlm.data import Tokenizer
+    from mtlm.data.text_tokenizer import tokenizer_from_entry
     from mtlm.eval.generation import Sampling, generate
     from mtlm.eval.loading import autocast, load_gpt
     from mtlm.train.reshard import read_metadata
@@ -39,7 +39,7 @@ def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> Non
                        cfg.parallel.timeout_s)
     try:
         model = load_gpt(job["step_dir"], read_metadata(job["step_dir"]), state)
-        tok = Tokenizer(job["tokenizer"])
+        tok = tokenizer_from_entry(job["tokenizer"])
         sampling = Sampling(g.temperature, g.top_k, g.top_p)
         rows = []
         for i, (prompt, ids) in enumerate(zip(job["prompts"], job["ids"], strict=True)):
@@ -85,7 +85,7 @@ def prepare_job(cfg: Any) -> dict[str, Any]:
         if len(i) >= context:
             raise ConfigError(key, f"the prompt{where} is {len(i)} tokens, longer than the model's context of "
                               f"{context} positions allows (at most {context - 1}); shorten it")
-    return {"step_dir": str(step_dir), "tokenizer": tok.path, "prompts": prompts, "ids": ids}
+    return {"step_dir": str(step_dir), "tokenizer": tok.entry(), "prompts": prompts, "ids": ids}
 
 
 def run(cfg: DictConfig, out_dir: str | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -208,4 +209,37 @@ def test_bad_input_is_one_line(ckpt, tmp_path):
     step_dir, meta = read_checkpoint(ckpt)
     other = make_checkpoint(tmp_path / "other", vocab_size=400)  # another tokenizer: 400 pieces, not 340
     with pytest.raises(DataError, match=r"has 400 tokens but .* was trained with a 340-token tokenizer"):
-        load_tokenizer(meta, str(other.parent / "tok.model"), step_dir)
+        load_tokenizer(meta, _tokenizer(model=str(other.parent / "tok.model")), step_dir)
+    with pytest.raises(DataError, match=r"records no tokenizer \(a converted model\?\); give the one"):
+        load_tokenizer({**meta, "tokenizer": None}, _tokenizer(), step_dir)
+
+
+def _tokenizer(**keys):
+    """A data.tokenizer node (all null: the checkpoint's own)."""
+    return SimpleNamespace(**{"type": None, "model": None, "vocab_file": None, "merge_file": None, **keys})
+
+
+def test_converted_huggingface_gpt2_with_gpt2_bpe(tmp_path):
+    """A transformers GPT-2 through mtlm.convert from-hf, evaluated with a GPT-2 BPE tokenizer: the summed
+    loss equals transformers' own loss on the same tokens."""
+    transformers = pytest.importorskip("transformers")
+    from mtlm.convert import from_hf
+    from mtlm.data.gpt2_bpe import EOD, bytes_to_symbols, write_bpe_files
+
+    vocab = {sym: i for i, sym in enumerate(bytes_to_symbols().values())}
+    vocab[EOD] = len(vocab)
+    vocab_file, merge_file = write_bpe_files(tmp_path / "bpe", vocab, [])  # bytes only: no merges
+    config = transformers.GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    step_dir, meta = read_checkpoint(from_hf(tmp_path / "hf", tmp_path / "ckpt"))
+    with pytest.raises(DataError, match="records no tokenizer"):
+        load_tokenizer(meta, _tokenizer(), step_dir)
+    tok = load_tokenizer(meta, _tokenizer(type="gpt2", vocab_file=str(vocab_file), merge_file=str(merge_file)),
+                         step_dir)
+    ids = tok.encode(" The game's story, set in 1935.")
+    loss_sum, n = score_stream(load_gpt(step_dir, meta, ParallelState()), ids, 63, 32)
+    with torch.no_grad():
+        hf_loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert n == len(ids) - 1 and loss_sum == pytest.approx(hf_loss * n, rel=1e-5)

@@ -7,7 +7,6 @@ the keys these apps read. The model shape and tokenizer come from the checkpoint
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +20,22 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
+class TokenizerConfig:
+    # All null: the tokenizer recorded in the checkpoint (what it was trained with). A model converted from
+    # Hugging Face records none: name its tokenizer as train.py's data.tokenizer does (mtlm/data/
+    # text_tokenizer.py), e.g. type=gpt2 vocab_file=vocab.json merge_file=merges.txt, or model=FILE.model.
+    type: str | None = None
+    model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+
+
+@dataclass
 class EvalDataConfig:
     # wikitext: the raw test file as distributed (wiki.test.raw); lambada: jsonl, one passage per line.
     path: str = MISSING
     text_key: str = "text"  # lambada: the field of each jsonl line holding the passage
-    # None: the tokenizer recorded in the checkpoint (what it was trained with). A converted model (mtlm.convert
-    # from-hf) records none: give its tokenizer here.
-    tokenizer: str | None = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
 @dataclass
@@ -58,8 +66,8 @@ class EvaluateConfig:
 
 
 @dataclass
-class TokenizerConfig:
-    tokenizer: str | None = None  # as data.tokenizer of the evaluate app
+class GenerateDataConfig:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # as the evaluate app's
 
 
 @dataclass
@@ -81,7 +89,7 @@ class GenerateConfig:
     prompt: str | None = None
     prompts_file: str | None = None  # a UTF-8 text file, one prompt per line (empty lines skipped)
     checkpoint: LoadConfig = field(default_factory=LoadConfig)
-    data: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: GenerateDataConfig = field(default_factory=GenerateDataConfig)
     generate: GenerateOptions = field(default_factory=GenerateOptions)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -122,8 +130,15 @@ def _common(cfg: Any, world_size: int | None, device: str, num_threads: int | No
     if not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.dir", "give the checkpoint to load: checkpoint.dir=DIR")
     tok = cfg.data.tokenizer
-    if tok and not os.path.isfile(os.path.expanduser(tok)):
-        raise ConfigError("data.tokenizer", f"file not found: {tok}")
+    if any(getattr(tok, k) for k in ("type", "model", "vocab_file", "merge_file")):
+        from mtlm.data import DataError
+        from mtlm.data.text_tokenizer import check_spec, tokenizer_spec
+
+        try:
+            check_spec(tokenizer_spec(tok))
+        except DataError as err:
+            key, _, message = str(err).partition(": ")
+            raise ConfigError(key, message) from None
 
 
 def validate_evaluate(cfg: Any, world_size: int | None = None) -> None:

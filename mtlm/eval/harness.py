@@ -22,6 +22,7 @@ as much context as fits, the document starting after an end-of-document token), 
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import torch
 from lm_eval.api.model import LM
@@ -35,15 +36,18 @@ from mtlm.parallel.state import ParallelState
 
 @register_model("mtlm")
 class MtlmLM(LM):
-    """`--model_args checkpoint=DIR[,tokenizer=FILE][,max_length=N][,dtype=bf16]`; lm-eval's own
-    `--device` and `--batch_size` apply."""
+    """`--model_args checkpoint=DIR[,max_length=N][,dtype=bf16]`; lm-eval's own `--device` and `--batch_size`
+    apply. The tokenizer is the checkpoint's; for one that records none (converted from Hugging Face) add
+    `vocab_file=vocab.json,merge_file=merges.txt` (GPT-2 BPE) or `tokenizer=FILE.model` (sentencepiece)."""
 
-    def __init__(self, checkpoint: str, tokenizer: str | None = None, device: str = "cpu",
-                 batch_size: int | str = 8, max_length: int | None = None, dtype: str = "fp32",
-                 **unused: object) -> None:
+    def __init__(self, checkpoint: str, tokenizer: str | None = None, vocab_file: str | None = None,
+                 merge_file: str | None = None, device: str = "cpu", batch_size: int | str = 8,
+                 max_length: int | None = None, dtype: str = "fp32", **unused: object) -> None:
         super().__init__()
         step_dir, meta = read_checkpoint(checkpoint)
-        self.tokenizer = load_tokenizer(meta, tokenizer, step_dir)
+        kind = "gpt2" if vocab_file else ("sentencepiece" if tokenizer else None)
+        self.tokenizer = load_tokenizer(meta, SimpleNamespace(type=kind, model=tokenizer, vocab_file=vocab_file,
+                                                              merge_file=merge_file), step_dir)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm_eval's CLI passes --device's default, cuda, whatever the machine has.
             print(f"note: device {device} is not available here; mtlm runs on the CPU", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 The model is rebuilt from the checkpoint's own model section and each rank reads only its slices
 (mtlm.train.checkpoint.load_weights: resharding to the degree asked for happens on read). The tokenizer is the
-one recorded in the checkpoint's metadata.json at training time, unless `data.tokenizer` names another one.
+one recorded in the checkpoint's metadata.json (mtlm/data/text_tokenizer.py: sentencepiece or GPT-2 BPE),
+unless `data.tokenizer` names another one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 import torch
 
 from mtlm.api import model_config
-from mtlm.data import DataError, Tokenizer
+from mtlm.data import DataError
+from mtlm.data.text_tokenizer import TextTokenizer, check_spec, tokenizer_from_entry, tokenizer_spec
+from mtlm.data.text_tokenizer import load_tokenizer as load_tokenizer_spec
 from mtlm.model.gpt import GPT
 from mtlm.parallel.state import ParallelState
 from mtlm.train.checkpoint import load_weights
@@ -44,32 +47,38 @@ def load_gpt(step_dir: Path, meta: dict, state: ParallelState) -> GPT:
     return gpt.eval()
 
 
-def tokenizer_path(meta: dict, override: str | None, step_dir: Path) -> str:
-    """The tokenizer to use: `override` (data.tokenizer), else the one the checkpoint was trained with."""
-    if override:
-        return os.path.abspath(os.path.expanduser(override))
-    recorded = (meta.get("tokenizer") or {}).get("path")
-    if not recorded:
+def _overridden(node: Any) -> bool:
+    return node is not None and any(getattr(node, k, None) for k in ("type", "model", "vocab_file", "merge_file"))
+
+
+def load_tokenizer(meta: dict, override: Any, step_dir: Path) -> TextTokenizer:
+    """The checkpoint's tokenizer (its metadata entry, written at training or conversion time), or the one
+    `data.tokenizer` names (type / model / vocab_file / merge_file, as train.py's), checked against the model:
+    the vocabulary the checkpoint records, and never more ids than the embedding has rows."""
+    recorded = meta.get("tokenizer") or {}
+    if _overridden(override):
+        spec = tokenizer_spec({k: getattr(override, k, None) for k in ("type", "model", "vocab_file", "merge_file")})
+        check_spec(spec)
+        tok = load_tokenizer_spec(spec)
+        if recorded.get("type") and recorded["type"] != tok.kind:
+            raise DataError(f"data.tokenizer.type: {step_dir} was trained with a {recorded['type']} tokenizer, "
+                            f"not {tok.kind}; use that one (or leave data.tokenizer unset)")
+    elif not recorded.get("path"):
         raise DataError(f"data.tokenizer: {step_dir} records no tokenizer (a converted model?); give the one it "
-                        "was trained with: data.tokenizer=FILE")
-    if not os.path.isfile(recorded):
-        raise DataError(f"data.tokenizer: the checkpoint's tokenizer {recorded} is gone (recorded in "
-                        f"{step_dir}/metadata.json); give it: data.tokenizer=FILE")
-    return recorded
-
-
-def load_tokenizer(meta: dict, override: str | None, step_dir: Path) -> Any:
-    """The tokenizer, checked against the model: its vocabulary must be the model's (same size as the
-    checkpoint's recorded tokenizer, and never more ids than the embedding has rows)."""
-    path = tokenizer_path(meta, override, step_dir)
-    tok = Tokenizer(path)
+                        "was trained with, e.g. data.tokenizer.type=gpt2 data.tokenizer.vocab_file=vocab.json "
+                        "data.tokenizer.merge_file=merges.txt")
+    else:
+        missing = [p for p in (recorded["path"], recorded.get("merge_file")) if p and not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"data.tokenizer: the checkpoint's tokenizer file {missing[0]} is gone (recorded in "
+                            f"{step_dir}/metadata.json); give it with data.tokenizer.*")
+        tok = tokenizer_from_entry(recorded)
     model_vocab = meta["model"]["vocab_size"]
-    recorded = (meta.get("tokenizer") or {}).get("vocab_size")
-    if recorded is not None and tok.vocab_size != recorded:
-        raise DataError(f"data.tokenizer: {path} has {tok.vocab_size} tokens but {step_dir} was trained with a "
-                        f"{recorded}-token tokenizer; use that one")
+    if recorded.get("vocab_size") is not None and tok.vocab_size != recorded["vocab_size"]:
+        raise DataError(f"data.tokenizer: {tok.path} has {tok.vocab_size} tokens but {step_dir} was trained with a "
+                        f"{recorded['vocab_size']}-token tokenizer; use that one")
     if tok.vocab_size > model_vocab:
-        raise DataError(f"data.tokenizer: {path} has {tok.vocab_size} tokens, more than the model's vocabulary "
+        raise DataError(f"data.tokenizer: {tok.path} has {tok.vocab_size} tokens, more than the model's vocabulary "
                         f"({model_vocab}, {step_dir}); it is not this model's tokenizer")
     return tok
 
