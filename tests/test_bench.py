@@ -74,6 +74,40 @@ def test_cli_prints_tokens_ratio_and_mfu(cache_dir, tmp_path) -> None:
     assert result["precision"] == "bf16" and result["ratio"] > 0
 
 
+def test_preset_vocabulary_sizes_the_model_not_the_tokenizer() -> None:
+    """Issue 17 (1): --model gives the model GPT-2's 50257 rows; the tokenizer keeps conf/data's size (the
+    built-in corpus cannot train 50257 pieces), capped at the model's vocabulary; an explicit one wins."""
+    from omegaconf import OmegaConf
+
+    from mtlm.bench.speed import CONF_DIR, compose_config
+
+    default = OmegaConf.load(CONF_DIR / "data" / "builtin.yaml").vocab_size
+    preset = Shape(hidden=32, layers=2, heads=4, seq=16, batch=2, vocab=50257)
+    cfg = compose_config(preset, "fp32")
+    assert (cfg.model.vocab_size, cfg.data.vocab_size) == (50257, default) and default < 50257
+    assert (compose_config(TINY, "fp32").model.vocab_size, compose_config(TINY, "fp32").data.vocab_size) == (400, 400)
+    assert compose_config(preset, "fp32", overrides=["data.vocab_size=300"]).data.vocab_size == 300
+
+
+def test_cli_runs_a_preset_at_a_tiny_shape_on_cpu(cache_dir, tmp_path) -> None:
+    """The documented GPU command (docs/benchmarks.md), shrunk: it used to stop at a data error."""
+    from mtlm.bench.speed import format_speed
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "mtlm.bench", "--model", "gpt2_345m", "--layers", "2", "--hidden",
+                           "32", "--heads", "4", "--seq", "16", "--batch", "2", "--precision", "bf16", "--device",
+                           "cpu", "--threads", "1", "--reps", "1", "--warmup", "0", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MTLM_CACHE_DIR": str(cache_dir)})
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json.loads(out.read_text())
+    assert result["shape"]["vocab"] == 50257 and result["gemm"]["shape_mkn"] == [32, 32, 50304]  # h x padded v
+    assert result["ratio"] > 0 and result["mfu"] > 0
+    # A device without a known peak (a MIG slice) prints no MFU rather than a wrong one.
+    assert "MFU: not known" in format_speed({**result, "mfu": None, "peak_tflops": float("nan"),
+                                             "peak_source": "unknown:NVIDIA A100-SXM4-40GB MIG 1g.5gb"})
+
+
 @pytest.mark.multiprocess
 def test_tp_scaling_reports_an_efficiency(cache_dir) -> None:
     r = bench_tp_scaling(TINY, tensor=2, reps=1, warmup=0)

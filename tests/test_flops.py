@@ -113,11 +113,24 @@ def test_paper_weak_scaling_consistency() -> None:
     ("NVIDIA H100 80GB HBM3", 989.0),
     ("NVIDIA H100 PCIe", 756.0),
     ("NVIDIA H200", 989.0),
+    ("NVIDIA H100 NVL", 835.5),  # issue 17: NVL before the generic H100 / H200 (SXM) names
+    ("NVIDIA H200 NVL", 835.5),
+    ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", None),  # a MIG slice: a share of the SMs, peak unknown
+    ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None),
+    ("NVIDIA H200 NVL MIG 7g.141gb", None),
     ("NVIDIA GeForce RTX 4090", None),
     ("", None),
 ])
 def test_peak_table_lookup(name: str, expected: float | None) -> None:
     assert flops.peak_tflops_for_device_name(name) == expected
+
+
+def test_cuda_peak_of_a_mig_slice_is_unknown(monkeypatch) -> None:
+    names = {0: "NVIDIA H100 80GB HBM3 MIG 1g.10gb", 1: "NVIDIA H100 NVL"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[torch.device(device).index])
+    peak, source = flops.peak_tflops(torch.device("cuda", 0), dtype=torch.bfloat16)
+    assert math.isnan(peak) and source == f"unknown:{names[0]}" and math.isnan(flops.mfu(300.0, peak))
+    assert flops.peak_tflops(torch.device("cuda", 1)) == (835.5, "table:H100 NVL")
 
 
 def test_gemm_probe_measures_once_and_caches(tmp_path, monkeypatch) -> None:

@@ -24,8 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mtlm.bench", description=__doc__.split("\n")[0])
     p.add_argument("--tp-scaling", action="store_true", help="tensor-parallel strong scaling (CPU, gloo)")
     p.add_argument("--tensor", type=int, default=2, help="tensor degree for --tp-scaling")
-    p.add_argument("--model", default=None, help="take the shape of conf/model/NAME.yaml (vocabulary 50257, "
-                   "GPT-2's; micro batch 8); the shape flags below still override it")
+    p.add_argument("--model", default=None, help="take the shape of conf/model/NAME.yaml (model vocabulary 50257, "
+                   "GPT-2's; the tokenizer stays conf/data's; micro batch 8); the shape flags below still override it")
     for name, help_ in (("hidden", "hidden size"), ("layers", "transformer layers"), ("heads", "attention heads"),
                         ("seq", "sequence length"), ("batch", "micro batch (sequences)"), ("vocab", "vocabulary")):
         p.add_argument(f"--{name}", type=int, default=None, help=f"{help_} (default: the mode's shape)")

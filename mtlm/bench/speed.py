@@ -18,6 +18,7 @@ precision=bf16), and both compute the loss's softmax in fp32 (transformers upcas
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -60,7 +61,12 @@ class Shape:
 
 def compose_config(shape: Shape, precision: str, tensor: int = 1, compile_model: bool = False,
                    device: str = "cpu", overrides: Sequence[str] = ()) -> Any:
-    """The config train.py would compose for this shape (W&B off, no checkpoint resume), validated."""
+    """The config train.py would compose for this shape (W&B off, no checkpoint resume), validated.
+
+    `shape.vocab` is the model's vocabulary (the timed shape: 50257 for a preset, as GPT-2). The tokenizer is
+    data's own (conf/data, unless `overrides` set data.vocab_size), only capped at the model's vocabulary so
+    every token id has a row: a corpus as small as the built-in one cannot train 50257 BPE pieces, and the
+    work per step does not depend on how many of the model's rows the tokens use."""
     from hydra import compose, initialize_config_dir
 
     from mtlm.config import register_configs, validate
@@ -72,10 +78,12 @@ def compose_config(shape: Shape, precision: str, tensor: int = 1, compile_model:
             "logger=none", f"precision={precision}", f"trainer.device={device}", "checkpoint.resume=none",
             f"model.hidden_size={s.hidden}", f"model.num_layers={s.layers}",
             f"model.num_attention_heads={s.heads}", f"model.seq_length={s.seq}",
-            f"model.max_position_embeddings={s.seq}", f"model.vocab_size={s.vocab}", f"data.vocab_size={s.vocab}",
+            f"model.max_position_embeddings={s.seq}", f"model.vocab_size={s.vocab}",
             f"model.dropout={s.dropout}",
             f"trainer.micro_batch_size={s.batch}", f"trainer.global_batch_size={s.batch}",
             f"trainer.compile={compile_model}", f"parallel.tensor={tensor}", *overrides])
+    if "data.vocab_size" not in {o.split("=", 1)[0].lstrip("+~") for o in overrides}:
+        cfg.data.vocab_size = min(cfg.data.vocab_size, s.vocab)
     validate(cfg, world_size=cfg.parallel.tensor * cfg.parallel.data)
     return cfg
 
@@ -226,7 +234,9 @@ def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmu
     else:
         # The best repetition, not the median: the hardware's rate, which other processes only ever lower.
         result["peak_tflops"], result["peak_source"] = result["gemm"]["tflops_best"], "best gemm just measured"
-    result["mfu"] = result["mtlm"]["tflops"] / result["peak_tflops"]
+    # An unknown peak (a GPU not in the table, a MIG slice) is NaN: no MFU rather than a wrong one.
+    known = math.isfinite(result["peak_tflops"])
+    result["mfu"] = result["mtlm"]["tflops"] / result["peak_tflops"] if known else None
     return result
 
 
@@ -264,5 +274,8 @@ def format_speed(r: dict[str, Any]) -> str:
         if "ratio_plain_vs_transformers" in r:
             line += f"; plain/transformers: {r['ratio_plain_vs_transformers']:.3f}x"
         lines.append(line)
-    lines.append(f"  MFU: {100 * r['mfu']:.1f}% of {r['peak_tflops']:.4f} TFLOP/s ({r['peak_source']})")
+    if r["mfu"] is None:
+        lines.append(f"  MFU: not known, no peak for this device ({r['peak_source']})")
+    else:
+        lines.append(f"  MFU: {100 * r['mfu']:.1f}% of {r['peak_tflops']:.4f} TFLOP/s ({r['peak_source']})")
     return "\n".join(lines)

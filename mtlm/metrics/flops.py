@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -62,27 +63,41 @@ def mfu(tflops_per_device: float, peak_tflops: float) -> float:
 # --------------------------------------------------------------------------------------------------------
 # Peaks
 
-# Dense (no sparsity) bf16/fp16 tensor-core TFLOP/s per GPU, from NVIDIA's datasheets.
+# Dense (no sparsity) bf16/fp16 tensor-core TFLOP/s per GPU, from NVIDIA's datasheets. The NVL cards (PCIe
+# boards with an NVLink bridge, 350-600 W) are listed by NVIDIA at 1,671 TFLOP/s bf16 *with* 2:4 sparsity, i.e.
+# 835.5 dense (H100 and H200 product pages; issue 17): ~15% below the SXM parts' 989.
 PEAK_TFLOPS: dict[str, float] = {
     "V100": 125.0,
     "A100": 312.0,
     "H100 SXM": 989.0,
     "H100 PCIe": 756.0,
+    "H100 NVL": 835.5,
     "H200": 989.0,
+    "H200 NVL": 835.5,
 }
 
-# Substring of torch.cuda.get_device_name() -> PEAK_TFLOPS key, most specific first: "NVIDIA H100 PCIe" must
-# not fall through to the generic "H100", which is the SXM part ("NVIDIA H100 80GB HBM3").
+# Substring of torch.cuda.get_device_name() -> PEAK_TFLOPS key, most specific first: "NVIDIA H100 PCIe" and
+# "NVIDIA H100 NVL" must not fall through to the generic "H100", which is the SXM part ("NVIDIA H100 80GB HBM3").
 _NAME_PATTERNS: tuple[tuple[str, str], ...] = (
     ("h100 pcie", "H100 PCIe"),
+    ("h100 nvl", "H100 NVL"),
     ("h100", "H100 SXM"),
+    ("h200 nvl", "H200 NVL"),
     ("h200", "H200"),
     ("a100", "A100"),
     ("v100", "V100"),
 )
 
 
+def is_mig_slice(name: str) -> bool:
+    """A MIG instance ("NVIDIA A100-SXM4-40GB MIG 1g.5gb") owns only some of the card's SMs, so the whole
+    card's peak would understate its MFU by up to 7x; its peak is reported as unknown instead."""
+    return re.search(r"\bmig\b", name, re.IGNORECASE) is not None
+
+
 def _table_key_for_device_name(name: str) -> str | None:
+    if is_mig_slice(name):
+        return None
     lowered = name.lower()
     for pattern, key in _NAME_PATTERNS:
         if pattern in lowered:
@@ -213,7 +228,8 @@ def peak_tflops(device: torch.device, threads: int = 1,
     """Per-device peak TFLOP/s for MFU, and where it came from ("table:H100 SXM", "cpu-probe:2 threads").
 
     CUDA: the dense bf16/fp16 table, whatever `dtype` is (the paper's convention; an fp32/TF32 run is thus
-    measured against the half-precision peak). Unknown GPUs give NaN, so MFU reads NaN rather than a guess.
+    measured against the half-precision peak). Unknown GPUs and MIG slices give NaN, so MFU reads as unknown
+    rather than a guess.
     CPU: the probed per-core rate for `dtype` times the threads this rank uses.
     """
     device = torch.device(device)

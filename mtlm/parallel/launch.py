@@ -83,11 +83,21 @@ def _spawned_entry(local_rank: int, fn: Callable[..., Any], world: int, port: in
     fn(RankEnv("local", local_rank, world, local_rank, world, "127.0.0.1", port), *args)
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether a rank with trainer.device `device` (auto | cpu | cuda) runs on a GPU."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), max_restarts: int = 0,
-           on_restart: Callable[[int, Exception], tuple] | None = None) -> None:
+           on_restart: Callable[[int, Exception], tuple] | None = None, device: str = "auto") -> None:
     """Run fn(rank_env, *args) on every rank: in this process, in spawned processes, or as an outside rank.
 
     `args` must be picklable (pass plain containers, not DictConfig) when ranks are spawned.
+
+    A single rank runs in this process on CPU, but in a child process when `device` is a GPU: a Hydra
+    multirun calls launch once per job from one process, and only a process's exit is sure to hand back all
+    the device memory a job held (the caching allocator's blocks, CUDA tensors in module-level caches or
+    reference cycles) and to start the allocator's peak statistics (peak_memory_bytes) from zero.
 
     `max_restarts` > 0 (ranks we spawn): when a rank dies (exception, signal, OOM kill), all ranks are
     started again, up to that many times, with the args `on_restart(attempt, error)` returns (train.py:
@@ -101,7 +111,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), max_restar
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
         fn(env, *args)
         return
-    if world_size == 1 and max_restarts == 0:
+    if world_size == 1 and max_restarts == 0 and not uses_cuda(device):
         fn(RankEnv("local", 0, 1, 0, 1), *args)
         return
     for attempt in range(max_restarts + 1):
@@ -140,8 +150,29 @@ def _root_cause(ctx: mp.ProcessContext, err: mp.ProcessRaisedException) -> mp.Pr
     return mp.ProcessRaisedException(msg, first, ctx.processes[first].pid)
 
 
-def rank_device(cfg_device: str, local_rank: int) -> torch.device:
-    if cfg_device == "cpu" or (cfg_device == "auto" and not torch.cuda.is_available()):
+def cuda_index(local_rank: int, visible: int, local_world_size: int | None = None) -> int:
+    """Which of the CUDA devices this process sees is its own.
+
+    - It sees exactly one: the launcher bound a GPU to this task (SLURM `--gpus-per-task=1`, `--gpu-bind`,
+      cgroup-constrained devices, a per-rank CUDA_VISIBLE_DEVICES): that one, `cuda:0`, whatever its local
+      rank is.
+    - It sees at least one per local rank (torchrun, our own spawn, SLURM `--gpus-per-node` / `--gres` without
+      binding): the local rank's.
+    - Otherwise (some GPUs, fewer than the node's ranks) the binding is ambiguous: an error, not a guess."""
+    if visible == 1:
+        return 0
+    if local_rank < visible and (local_world_size is None or visible >= local_world_size):
+        return local_rank
+    ranks = f" of {local_world_size} on this node" if local_world_size is not None else ""
+    raise RuntimeError(
+        f"local rank {local_rank}{ranks} sees {visible} CUDA devices (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): bind exactly one GPU per task "
+        "(SLURM --gpus-per-task=1) or make every GPU of the node visible to every rank")
+
+
+def rank_device(cfg_device: str, local_rank: int, local_world_size: int | None = None) -> torch.device:
+    if not uses_cuda(cfg_device):
         return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    index = cuda_index(local_rank, torch.cuda.device_count(), local_world_size)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)

@@ -59,17 +59,33 @@ class ParallelState:
                                     timeout=timedelta(seconds=timeout_s),
                                     device_id=device if device.type == "cuda" else None)
         state = cls(rank=rank, world_size=world_size, tensor=tensor, data=data, device=device)
-        # Every rank must create every group, in the same order, even the ones it is not in.
-        for ranks in tensor_group_ranks(world_size, tensor):
-            group = dist.new_group(ranks)
-            if rank in ranks and tensor > 1:
-                state.tp_group = group
-        for ranks in data_group_ranks(world_size, tensor):
-            group = dist.new_group(ranks)
-            if rank in ranks and data > 1:
-                state.dp_group = group
+        state.tp_group, state.dp_group = _create_groups(rank, world_size, tensor, timedelta(seconds=timeout_s))
         return state
 
     def destroy(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _create_groups(rank: int, world_size: int, tensor: int,
+                   timeout: timedelta) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """This rank's tensor and data groups; None for a degree of 1, which never communicates.
+
+    `new_group` is collective over the whole world: every rank creates every group, in the same order, even
+    the ones it is not in. Only groups of more than one rank are created (the test depends on the degrees
+    alone, so all ranks agree): with a bound CUDA device NCCL splits a communicator eagerly for each group,
+    and at tensor 1, data 64 that would be 64 world-wide splits for groups of one rank. The groups carry
+    nearly all the traffic, so they get `parallel.timeout_s` too (without it: the backend's default)."""
+    data = world_size // tensor
+    tp_group = dp_group = None
+    if tensor > 1:
+        for ranks in tensor_group_ranks(world_size, tensor):
+            group = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                tp_group = group
+    if data > 1:
+        for ranks in data_group_ranks(world_size, tensor):
+            group = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                dp_group = group
+    return tp_group, dp_group

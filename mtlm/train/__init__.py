@@ -23,7 +23,7 @@ def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
 
     cfg = OmegaConf.create(cfg_dict)
     torch.set_num_threads(threads_per_rank(env.local_world_size, cfg.trainer.num_threads))
-    device = rank_device(cfg.trainer.device, env.local_rank)
+    device = rank_device(cfg.trainer.device, env.local_rank, env.local_world_size)
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else \
         ("nccl" if device.type == "cuda" else "gloo")
     state = ParallelState.initialize(cfg.parallel.tensor, cfg.parallel.data, env.rank, env.world_size,
@@ -49,7 +49,7 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
     cfg_dict["checkpoint"]["resume"] = resume  # resolved once here, so every rank and restart agrees
     try:
         launch(_worker, cfg.parallel.tensor * cfg.parallel.data, (cfg_dict, out_dir), cfg.trainer.max_restarts,
-               _restarter(cfg_dict, out_dir))
+               _restarter(cfg_dict, out_dir), device=cfg.trainer.device)
     except (CheckpointError, mp.ProcessRaisedException) as err:
         # A checkpoint that passed the checks above but fails to read inside a rank: still one line.
         line = str(err).strip().splitlines()[-1]

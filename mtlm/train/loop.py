@@ -188,6 +188,8 @@ class Trainer:
         peak, peak_source = (None, "skipped") if not self.state.is_main else \
             peak_tflops(self.state.device, threads, torch.float32 if c.precision.dtype == "fp32" else
                         {"bf16": torch.bfloat16, "fp16": torch.float16}[c.precision.dtype])
+        if peak is not None and math.isnan(peak):  # a GPU not in the table, or a MIG slice: no MFU, not a guess
+            peak = None
         return {
             "model": c.model.name, "num_params": self.model.num_parameters(),
             "hidden_size": c.model.hidden_size, "num_attention_heads": c.model.num_attention_heads,
