@@ -30,6 +30,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    # The model class (mtlm/model/build.py); each preset names its family's: mtlm.model.gpt.GPT, .bert.BERT.
+    _target_: str = "mtlm.model.gpt.GPT"
     name: str = MISSING
     num_layers: int = MISSING
     hidden_size: int = MISSING
@@ -46,6 +48,10 @@ class ModelConfig:
     # (scores by one batched GEMM in the compute dtype, fp32 softmax). auto: unfused under bf16/fp16 autocast
     # on CPU, where torch's flash kernel is ~2x slower than the GEMMs (docs/benchmarks.md); sdpa elsewhere.
     attention: str = "auto"
+    # The shared transformer layer's choices (mtlm/model/transformer.py): exact `gelu` (BERT) or `gelu_tanh`
+    # (GPT-2); `pre`-LN (the paper's rearrangement) or `post`-LN (original BERT, the paper's Fig. 7 ablation).
+    activation: str = "gelu_tanh"
+    layernorm_order: str = "pre"
 
 
 ATTENTION_IMPLS = ("auto", "sdpa", "unfused")
@@ -231,6 +237,9 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         raise ConfigError("parallel.backend", f"must be auto, gloo or nccl, got {p.backend!r}")
     if p.timeout_s <= 0:
         raise ConfigError("parallel.timeout_s", f"must be > 0, got {p.timeout_s}")
+    from mtlm.model.build import validate_model_config
+
+    validate_model_config(m)
     _validate_optim(cfg)
     _validate_precision(cfg)
     _validate_checkpoint(cfg)

@@ -1,4 +1,5 @@
-"""Convert between mtlm checkpoints and Hugging Face transformers' GPT-2 (GPT2LMHeadModel).
+"""Convert between mtlm checkpoints and Hugging Face transformers' GPT-2 (GPT2LMHeadModel); a BERT checkpoint
+or a `megatron-bert` folder converts as MegatronBertForPreTraining instead (mtlm/convert_bert.py).
 
     python -m mtlm.convert to-hf checkpoints/gpt2_tiny hf/gpt2_tiny          # config.json + model.safetensors
     python -m mtlm.convert from-hf hf/gpt2 checkpoints/gpt2_hf --tensor 2    # an mtlm checkpoint at degree 2
@@ -26,6 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mtlm.api import model_config
+from mtlm.convert_bert import BERT_TARGET
+from mtlm.convert_bert import from_hf as bert_from_hf
+from mtlm.convert_bert import to_hf as bert_to_hf
+from mtlm.files import respect_umask
+from mtlm.model.build import model_target
 from mtlm.model.gpt import GPT
 from mtlm.parallel.state import ParallelState
 from mtlm.train.reshard import (
@@ -100,11 +106,14 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     m = model_config(meta)
     reader = ShardReader(step_dir, meta)
     names = [n.removeprefix("model.") for n in meta["tensors"] if n.startswith("model.")]
+    if model_target(m) == BERT_TARGET:  # MegatronBertForPreTraining (mtlm/convert_bert.py)
+        return bert_to_hf(meta, {n: reader.read_full(f"model.{n}") for n in names}, step_dir, out_dir)
     hf = mtlm_to_hf({n: reader.read_full(f"model.{n}") for n in names}, m.num_layers, m.num_attention_heads)
     eos = (meta.get("tokenizer") or {}).get("eos_id")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
+    respect_umask(out / "model.safetensors")  # safetensors creates it 0600; exports are meant to be shared
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
         "n_positions": m.max_position_embeddings, "n_ctx": m.max_position_embeddings, "n_embd": m.hidden_size,
@@ -127,12 +136,15 @@ def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{config_path}: cannot read a Hugging Face config ({err})") from None
-    if config.get("model_type") != "gpt2":
-        raise CheckpointError(f"{config_path}: model_type is {config.get('model_type')!r}, only gpt2 converts")
-    if config.get("activation_function", "gelu_new") not in TANH_GELUS:
+    if config.get("model_type") not in ("gpt2", "megatron-bert"):
+        raise CheckpointError(f"{config_path}: model_type is {config.get('model_type')!r}, only gpt2 and "
+                              "megatron-bert convert")
+    gpt = config["model_type"] == "gpt2"
+    if gpt and config.get("activation_function", "gelu_new") not in TANH_GELUS:
         raise CheckpointError(f"{config_path}: activation_function {config['activation_function']!r}; mtlm's "
                               f"GPT-2 uses the tanh GeLU ({' or '.join(TANH_GELUS)})")
-    if config.get("n_inner") not in (None, 4 * config["n_embd"]) or config.get("scale_attn_by_inverse_layer_idx"):
+    if gpt and (config.get("n_inner") not in (None, 4 * config["n_embd"])
+                or config.get("scale_attn_by_inverse_layer_idx")):
         raise CheckpointError(f"{config_path}: n_inner / scale_attn_by_inverse_layer_idx differ from GPT-2's")
     index = hf_dir / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
@@ -150,6 +162,8 @@ def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def from_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1) -> Path:
     """Import a GPT2LMHeadModel folder as an mtlm checkpoint folder (latest -> step_00000000) at `tensor`."""
     config, hf = _read_hf(Path(hf_dir))
+    if config["model_type"] == "megatron-bert":
+        return bert_from_hf(config, hf, Path(hf_dir), out_dir, tensor)
     layers, heads, h = config["n_layer"], config["n_head"], config["n_embd"]
     vocab, positions = config["vocab_size"], config["n_positions"]
     if heads % tensor:

@@ -126,6 +126,11 @@ class MaskedLMDataset:
             self._orders[epoch] = perm
         return perm
 
+    def sample_indices(self, start: int, count: int) -> np.ndarray:
+        """Which chunk sits at each global position start .. start + count - 1."""
+        return np.array([self.order(p // self.num_samples)[p % self.num_samples]
+                         for p in range(start, start + count)], dtype=np.int64)
+
     def sample(self, position: int) -> dict[str, np.ndarray]:
         """The sample at one global position (all its randomness from (seed, epoch, sample index))."""
         epoch, within = divmod(int(position), self.num_samples)

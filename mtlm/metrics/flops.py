@@ -37,6 +37,37 @@ def hardware_flops_per_iteration(batch: int, seq: int, layers: int, hidden: int,
     return 96.0 * b * s * L * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * L * h))
 
 
+# BERT (issue 14). Masked-LM samples predict 15% of their positions (mtlm/data/bert.py), and mtlm's LM head runs
+# on those positions only; Megatron-LM's runs on all of them and discards the rest.
+BERT_MASKED_FRACTION = 0.15
+
+
+def _bert_heads_flops(batch: int, seq: int, hidden: int, vocab: int, masked_fraction: float) -> float:
+    """Forward + backward FLOPs of BERT's heads: the LM head on the masked positions (dense h -> h, then the
+    logits against the embedding, 2h^2 + 2hV per position) and the pooler (2h^2) plus the binary head (4h) on
+    the [CLS] position; backward costs twice forward. Layer norms, GeLU and the loss are not counted."""
+    b, s, h, v = batch, seq, hidden, vocab
+    return 3.0 * (2.0 * b * masked_fraction * s * (h * h + h * v) + 2.0 * b * (h * h + 2 * h))
+
+
+def bert_model_flops_per_iteration(batch: int, seq: int, layers: int, hidden: int, vocab: int,
+                                   masked_fraction: float = BERT_MASKED_FRACTION) -> float:
+    """BERT's model FLOPs for one forward + backward over `batch` sequences. The layers are GPT's
+    (`72*B*s*l*h^2*(1 + s/(6h))`: bidirectional attention computes all s^2 scores, which that formula counts
+    for GPT too); the logit GEMM over every position is replaced by the LM head over the masked ones."""
+    b, s, L, h = batch, seq, layers, hidden
+    return 72.0 * b * s * L * h * h * (1.0 + s / (6.0 * h)) + _bert_heads_flops(b, s, h, vocab, masked_fraction)
+
+
+def bert_hardware_flops_per_iteration(batch: int, seq: int, layers: int, hidden: int, vocab: int,
+                                      recompute: bool, masked_fraction: float = BERT_MASKED_FRACTION) -> float:
+    """BERT's executed FLOPs: with full activation recompute every layer's forward runs once more (96 for 72)."""
+    if not recompute:
+        return bert_model_flops_per_iteration(batch, seq, layers, hidden, vocab, masked_fraction)
+    b, s, L, h = batch, seq, layers, hidden
+    return 96.0 * b * s * L * h * h * (1.0 + s / (6.0 * h)) + _bert_heads_flops(b, s, h, vocab, masked_fraction)
+
+
 def tflops_per_device(flops_per_iter: float, iter_time_s: float, devices: int) -> float:
     """Achieved TFLOP/s per device, with `flops_per_iter` counted over the whole global batch."""
     if iter_time_s <= 0 or devices <= 0:

@@ -138,6 +138,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    family = "gpt"  # mtlm/model/build.py: its objective is next-token LM (train/objective.py)
+
     def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
                  activation_checkpointing: bool = False) -> None:
         super().__init__()

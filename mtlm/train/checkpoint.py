@@ -85,8 +85,12 @@ def resume_target(ckpt_cfg: Any) -> Path | None:
 
 def check_compatible(meta: dict, model_cfg: Any, vocab_size: int | None, where: Path) -> None:
     """Same model shape as the run, or one line naming the checkpoint and the first mismatch."""
-    saved = meta["model"]
-    wanted = {k: getattr(model_cfg, k) for k in MODEL_KEYS}
+    from mtlm.model.build import GPT_TARGET, model_target
+
+    # The family and layer-norm order change parameter names; checkpoints before issue 14 are GPT, pre-LN.
+    saved = {"_target_": GPT_TARGET, "layernorm_order": "pre", **meta["model"]}
+    wanted = {"_target_": model_target(model_cfg), "layernorm_order": getattr(model_cfg, "layernorm_order", "pre"),
+              **{k: getattr(model_cfg, k) for k in MODEL_KEYS}}
     if vocab_size is not None:
         wanted["vocab_size"] = vocab_size
     for key, value in wanted.items():

@@ -11,6 +11,7 @@ its share of the global tokens, micro-batch losses add up, and DDP averages over
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import time
@@ -21,17 +22,22 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel
 
-from mtlm.data import build_data
-from mtlm.metrics.flops import hardware_flops_per_iteration, model_flops_per_iteration, peak_tflops
+from mtlm.metrics.flops import peak_tflops
 from mtlm.metrics.memory import SavedActivations, gradient_bytes, optimizer_state_bytes, parameter_bytes
 from mtlm.metrics.sinks import MetricsLogger, build_logger
-from mtlm.model.gpt import GPT
+from mtlm.model.build import build_model
 from mtlm.parallel.random import seed_streams
 from mtlm.parallel.state import ParallelState
 from mtlm.train import checkpoint as ckpt
 from mtlm.train.faults import maybe_fail
+from mtlm.train.objective import objective_for
 from mtlm.train.optim import build_optimizer, clip_grad_norm_
 from mtlm.train.precision import build_precision
+
+# The model has no buffers, so DDP has none to keep in step. torch >= 2.13 names that `forward_sync_buffers`
+# (and warns, once per rank, on the older `broadcast_buffers`); torch 2.4-2.12 knows only the older name.
+_NO_BUFFER_SYNC = {"forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers": False}
 
 
 def _sync(device: torch.device) -> None:
@@ -55,10 +61,12 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
 
         seed_streams(t.seed, state.tp_rank, state.device)
-        self.data = build_data(cfg.data, cfg.model.seq_length, t.seed)
+        # The model family (model._target_) decides the samples, the loss and the FLOPs (train/objective.py).
+        self.objective = objective_for(cfg.model)
+        self.data = self.objective.build_data(cfg.data, cfg.model.seq_length, t.seed)
         vocab = cfg.model.vocab_size or self.data.tokenizer.vocab_size
-        self.model = GPT(cfg.model, vocab, state, device=state.device,
-                         activation_checkpointing=t.activation_checkpointing)
+        self.model = build_model(cfg.model, vocab, state, device=state.device,
+                                 activation_checkpointing=t.activation_checkpointing)
         self.model.init_weights(t.seed)
         if t.compile:
             # In place (nn.Module.compile), so parameter names, hence checkpoints, stay the eager model's.
@@ -69,7 +77,7 @@ class Trainer:
         self.ddp = None
         if state.dp_group is not None:
             self.ddp = DistributedDataParallel(
-                self.model, process_group=state.dp_group, broadcast_buffers=False,
+                self.model, process_group=state.dp_group, **_NO_BUFFER_SYNC,
                 device_ids=[state.device] if state.device.type == "cuda" else None)
         self.forward = self.ddp if self.ddp is not None else self.model
         # trainer.shard_optimizer: ZeRO stage 1, Adam state split over the data ranks (a no-op at data=1).
@@ -78,13 +86,10 @@ class Trainer:
                                          shard_group=state.dp_group if t.shard_optimizer else None)
         self.scheduler = instantiate(cfg.scheduler)(optimizer=self.optimizer, max_steps=t.max_steps)
         self.precision = build_precision(cfg.precision, state.device, state)
-        self.flops_per_step = model_flops_per_iteration(t.global_batch_size, cfg.model.seq_length,
-                                                        cfg.model.num_layers, cfg.model.hidden_size,
-                                                        self.model.padded_vocab_size)
-        # What the hardware executes: activation checkpointing reruns each layer's forward (MFU stays model FLOPs).
-        self.hardware_flops_per_step = hardware_flops_per_iteration(
-            t.global_batch_size, cfg.model.seq_length, cfg.model.num_layers, cfg.model.hidden_size,
-            self.model.padded_vocab_size, recompute=t.activation_checkpointing)
+        # Model FLOPs, and what the hardware executes: activation checkpointing reruns each layer's forward
+        # (MFU stays model FLOPs).
+        self.flops_per_step, self.hardware_flops_per_step = self.objective.flops(
+            cfg.model, t.global_batch_size, self.model.padded_vocab_size, recompute=t.activation_checkpointing)
         self.step = 0
         self.consumed_samples = 0  # the data position: a global sample count, so the data degree may change
         self.memory: dict[str, int] | None = None  # bytes per part, counted on this process's first step
@@ -99,30 +104,27 @@ class Trainer:
         per_rank = global_count // self.state.data
         return dataset.get_batch(global_start + self.state.dp_rank * per_rank, per_rank)
 
-    def _split(self, batch: torch.Tensor):
-        batch = batch.to(self.state.device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
-
     # ---- one optimizer step -----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         t = self.cfg.trainer
         self.model.train()
         lr = self.optimizer.param_groups[0]["lr"]
         rank_batch = self._rank_slice(self.data.train, self.consumed_samples, t.global_batch_size)
-        rank_tokens = rank_batch.shape[0] * self.cfg.model.seq_length
+        norm = self.objective.normaliser(rank_batch, self.cfg.model.seq_length, self.state)
         loss_sum = torch.zeros((), device=self.state.device)
+        parts: dict[str, torch.Tensor] = {}  # the objective's loss terms and accuracies, for the log
         # Memory accounting hooks one forward of the first step only (metrics/memory.py), so no step pays.
         act = None if self.memory is not None or t.compile else SavedActivations(
             self.params, self.model.blocks if t.activation_checkpointing else ())
-        for m, micro in enumerate(rank_batch.split(t.micro_batch_size)):
-            x, y = self._split(micro)
+        for m, micro in enumerate(self.objective.micro_batches(rank_batch, t.micro_batch_size)):
             last = m == self.micro_steps - 1
             no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with no_sync:
                 with self.precision.autocast(), act if act is not None and m == 0 else contextlib.nullcontext():
-                    loss = self.forward(x, y).sum() / rank_tokens
+                    loss, terms = self.objective.loss(self.forward, micro, norm, self.state.device)
                 self.precision.scale_loss(loss).backward()
             loss_sum += loss.detach().float()
+            parts = {k: parts.get(k, 0) + v.float() for k, v in terms.items()}
         if self.memory is None:
             self.memory = {"grads": gradient_bytes(self.params), "activations": act.bytes if act is not None else 0}
         skipped = self.precision.unscale_and_check(self.params, self.optimizer.param_groups)
@@ -135,28 +137,30 @@ class Trainer:
         self.step += 1
         self.consumed_samples += t.global_batch_size
         return {"loss": _mean_over_data(loss_sum, self.state), "lr": lr, "grad_norm": grad_norm,
-                **self.precision.metrics()}
+                **{k: _mean_over_data(v, self.state) for k, v in parts.items()}, **self.precision.metrics()}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """`val_loss` (and the objective's other validation metrics) over eval_iters fixed batches."""
         t = self.cfg.trainer
         self.model.eval()
-        total = torch.zeros((), device=self.state.device)
+        totals: dict[str, torch.Tensor] = {}
         per_iter = t.micro_batch_size * self.state.data
         for i in range(t.eval_iters):
-            x, y = self._split(self._rank_slice(self.data.val, i * per_iter, per_iter))
+            batch = self._rank_slice(self.data.val, i * per_iter, per_iter)
             with self.precision.autocast():
-                total += self.model(x, y).float().mean()
-        return _mean_over_data(total / t.eval_iters, self.state)
+                parts = self.objective.eval_parts(self.model, batch, self.state.device)
+            totals = {k: totals.get(k, 0) + v for k, v in parts.items()}
+        return self.objective.eval_metrics(totals, t.eval_iters, self.state)
 
     # ---- the run ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
         timed_steps, timed_s = 0, 0.0
         first = self.step  # > 0 when resumed: the warm-up steps count from here
-        val_loss = self.evaluate()
+        val = self.evaluate()
         if self.step == 0:  # a resumed run already logged its steps so far
-            self._log(0, {"val_loss": val_loss})
+            self._log(0, val)
         metrics: dict[str, float] = {}
         while self.step < t.max_steps:
             _sync(self.state.device)
@@ -173,14 +177,15 @@ class Trainer:
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                val_loss = metrics["val_loss"] = self.evaluate()
+                val = self.evaluate()
+                metrics.update(val)
             if self.step % t.log_interval == 0 or self.step == t.max_steps or "val_loss" in metrics:
                 self._log(self.step, metrics)
             if ckpt.should_save(self.cfg, self.step):
                 ckpt.save_trainer(self)
-        return self._summary(metrics, val_loss, timed_steps, timed_s)
+        return self._summary(metrics, val, timed_steps, timed_s)
 
-    def _summary(self, metrics: dict, val_loss: float, timed_steps: int, timed_s: float) -> dict[str, Any]:
+    def _summary(self, metrics: dict, val: dict[str, float], timed_steps: int, timed_s: float) -> dict[str, Any]:
         c = self.cfg
         step_time = timed_s / max(timed_steps, 1)
         tflops = self.flops_per_step / step_time / self.state.world_size / 1e12
@@ -201,7 +206,7 @@ class Trainer:
             # The machine's 1-minute load at the end (our own ranks included): explains a slow run on shared cores.
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "steps": self.step, "global_batch_size": c.trainer.global_batch_size,
-            "seq_length": c.model.seq_length, "train_loss": metrics.get("loss"), "val_loss": val_loss,
+            "seq_length": c.model.seq_length, "train_loss": metrics.get("loss"), **val,
             "timed_steps": timed_steps, "step_time_s": step_time,
             "tokens_per_s": self.tokens_per_step / step_time, "flops_per_step": self.flops_per_step,
             "tflops_per_device": tflops, "pflops": tflops * self.state.world_size / 1e3,

@@ -37,7 +37,7 @@ FORMAT = "mtlm-checkpoint"
 VERSION = 1
 METADATA = "metadata.json"
 STEP_DIR = re.compile(r"step_(\d+)$")
-PADDED_VOCAB = ("wte.weight",)  # parameters whose partition dim is the padded vocabulary
+PADDED_VOCAB = ("wte.weight", "lm_head.bias")  # parameters whose partition dim is the padded vocabulary
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,186 @@
+"""Convert between mtlm BERT checkpoints and transformers' MegatronBertForPreTraining (`python -m mtlm.convert
+to-hf | from-hf` come here for a BERT checkpoint / a `megatron-bert` config; mtlm/convert.py dispatches).
+
+The two are the same network (pre-LN blocks with a final layer norm, exact GeLU, no embedding layer norm, tied
+word embeddings plus an LM bias, tanh pooler, binary head); the tensors differ in layout only:
+- transformers keeps q, k and v as three [h, h] linears; mtlm fuses them with rows grouped by head,
+  [head][q, k, v][head_dim], so a tensor-parallel rank's rows are whole heads.
+- transformers' names: `bert.encoder.layer.{i}.attention.ln` (mtlm's ln1), `.ln` (ln2), `bert.encoder.ln`
+  (ln_f), `cls.predictions.transform.{dense,LayerNorm}`, `cls.predictions.bias`, `cls.seq_relationship`.
+- The vocabulary is unpadded on both sides here (mtlm checkpoints store the real rows only).
+Its layer-norm eps defaults to 1e-12; the config written here sets mtlm's. Post-LN BERTs
+(`model.layernorm_order=post`) have no transformers equivalent and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mtlm.api import model_config
+from mtlm.model.build import build_model
+from mtlm.parallel.state import ParallelState
+from mtlm.train.reshard import (
+    FORMAT,
+    METADATA,
+    VERSION,
+    CheckpointError,
+    RankShard,
+    commit,
+    merge_index,
+    param_slice,
+    rank_file,
+    write_json,
+)
+
+BERT_TARGET = "mtlm.model.bert.BERT"
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+# mtlm name -> transformers name, per layer (same layout: torch Linear / LayerNorm on both sides).
+LAYER_MAP = {"ln1": "attention.ln", "attn.proj": "attention.output.dense", "ln2": "ln",
+             "mlp.fc": "intermediate.dense", "mlp.proj": "output.dense"}
+TOP_MAP = {"wte": "bert.embeddings.word_embeddings", "wpe": "bert.embeddings.position_embeddings",
+           "tte": "bert.embeddings.token_type_embeddings", "ln_f": "bert.encoder.ln", "pooler": "bert.pooler.dense",
+           "lm_head.dense": "cls.predictions.transform.dense", "lm_head.ln": "cls.predictions.transform.LayerNorm",
+           "sop_head": "cls.seq_relationship"}
+
+
+def mtlm_to_hf(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
+    """mtlm BERT parameter names/layouts (unpadded vocab) -> MegatronBertForPreTraining's state dict."""
+    out = {}
+    for ours, theirs in TOP_MAP.items():
+        for kind in ("weight", "bias"):
+            if f"{ours}.{kind}" in t:
+                out[f"{theirs}.{kind}"] = t[f"{ours}.{kind}"]
+    out["cls.predictions.bias"] = t["lm_head.bias"]
+    for i in range(num_layers):
+        src, dst = f"blocks.{i}.", f"bert.encoder.layer.{i}."
+        w, b = t[src + "attn.qkv.weight"], t[src + "attn.qkv.bias"]
+        h = w.shape[1]
+        w, b = w.view(heads, 3, h // heads, h), b.view(heads, 3, h // heads)
+        for j, name in enumerate(("query", "key", "value")):
+            out[f"{dst}attention.self.{name}.weight"] = w[:, j].reshape(h, h)
+            out[f"{dst}attention.self.{name}.bias"] = b[:, j].reshape(h)
+        for ours, theirs in LAYER_MAP.items():
+            for kind in ("weight", "bias"):
+                out[f"{dst}{theirs}.{kind}"] = t[f"{src}{ours}.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_to_mtlm(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
+    """The inverse of mtlm_to_hf (the tied decoder weight and its bias alias are not needed)."""
+    out = {}
+    for ours, theirs in TOP_MAP.items():
+        for kind in ("weight", "bias"):
+            if f"{theirs}.{kind}" in t:
+                out[f"{ours}.{kind}"] = t[f"{theirs}.{kind}"]
+    out["lm_head.bias"] = t["cls.predictions.bias"]
+    for i in range(num_layers):
+        src, dst = f"bert.encoder.layer.{i}.", f"blocks.{i}."
+        q, k, v = (t[f"{src}attention.self.{n}.weight"] for n in ("query", "key", "value"))
+        qb, kb, vb = (t[f"{src}attention.self.{n}.bias"] for n in ("query", "key", "value"))
+        h = q.shape[1]
+        d = h // heads
+        out[dst + "attn.qkv.weight"] = torch.stack([x.view(heads, d, h) for x in (q, k, v)], 1).reshape(3 * h, h)
+        out[dst + "attn.qkv.bias"] = torch.stack([x.view(heads, d) for x in (qb, kb, vb)], 1).reshape(3 * h)
+        for ours, theirs in LAYER_MAP.items():
+            for kind in ("weight", "bias"):
+                out[f"{dst}{ours}.{kind}"] = t[f"{src}{theirs}.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_hf(meta: dict, tensors: dict[str, torch.Tensor], step_dir: Path, out_dir: str | Path) -> Path:
+    """Write a MegatronBertForPreTraining folder (config.json, model.safetensors) from a BERT checkpoint's
+    metadata and whole tensors (mtlm names, real vocabulary)."""
+    m = model_config(meta)
+    if m.layernorm_order != "pre":
+        raise CheckpointError(f"{step_dir / METADATA}: model.layernorm_order={m.layernorm_order}: transformers' "
+                              "MegatronBert is pre-LN only; a post-LN BERT does not convert")
+    hf = mtlm_to_hf(tensors, m.num_layers, m.num_attention_heads)
+    tok = meta.get("tokenizer") or {}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["MegatronBertForPreTraining"], "model_type": "megatron-bert",
+        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads, "intermediate_size": 4 * m.hidden_size,
+        "hidden_act": HF_ACTIVATIONS[m.activation], "hidden_dropout_prob": m.dropout,
+        "attention_probs_dropout_prob": m.dropout, "max_position_embeddings": m.max_position_embeddings,
+        "type_vocab_size": 2, "initializer_range": m.init_std, "layer_norm_eps": m.layernorm_eps,
+        "position_embedding_type": "absolute", "tie_word_embeddings": True, "torch_dtype": "float32",
+        "pad_token_id": tok.get("pad_id", 0), "mtlm": {"checkpoint": str(step_dir), "step": meta["step"]},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def config_error(config: dict, config_path: Path) -> str | None:
+    """Why a megatron-bert config cannot become an mtlm BERT (None: it can)."""
+    act = config.get("hidden_act", "gelu")
+    if act not in HF_ACTIVATIONS.values():
+        return f"hidden_act {act!r}; mtlm's BERT uses gelu (exact) or gelu_new (tanh)"
+    if config.get("intermediate_size", 4 * config["hidden_size"]) != 4 * config["hidden_size"]:
+        return "intermediate_size is not 4 x hidden_size, which mtlm's MLP is"
+    if config.get("type_vocab_size", 2) != 2 or config.get("position_embedding_type", "absolute") != "absolute":
+        return "type_vocab_size must be 2 and position_embedding_type absolute"
+    return None
+
+
+def from_hf(config: dict, hf: dict[str, torch.Tensor], hf_dir: Path, out_dir: str | Path, tensor: int) -> Path:
+    """Import a MegatronBertForPreTraining folder's config and tensors as an mtlm BERT checkpoint at `tensor`."""
+    problem = config_error(config, hf_dir / "config.json")
+    if problem:
+        raise CheckpointError(f"{hf_dir / 'config.json'}: {problem}")
+    layers, heads, h = config["num_hidden_layers"], config["num_attention_heads"], config["hidden_size"]
+    if heads % tensor:
+        raise CheckpointError(f"--tensor {tensor} does not divide the model's {heads} attention heads")
+    vocab, positions = config["vocab_size"], config["max_position_embeddings"]
+    activation = {v: k for k, v in HF_ACTIVATIONS.items()}[config.get("hidden_act", "gelu")]
+    model = {"_target_": BERT_TARGET, "name": hf_dir.name, "num_layers": layers, "hidden_size": h,
+             "num_attention_heads": heads, "seq_length": positions, "max_position_embeddings": positions,
+             "vocab_size": vocab, "make_vocab_size_divisible_by": 128,
+             "dropout": config.get("hidden_dropout_prob", 0.1), "init_std": config.get("initializer_range", 0.02),
+             "layernorm_eps": config.get("layer_norm_eps", 1e-12), "activation": activation,
+             "layernorm_order": "pre"}
+    return write_checkpoint(out_dir, model, hf_to_mtlm(hf, layers, heads), tensor,
+                            {"huggingface": str(hf_dir.resolve())})
+
+
+def write_checkpoint(out_dir: str | Path, model: dict, full: dict[str, torch.Tensor], tensor: int,
+                     source: dict) -> Path:
+    """Whole tensors (mtlm names, real vocabulary) -> an mtlm checkpoint folder at tensor degree `tensor`
+    (latest -> step_00000000, no optimizer state), each rank's file as training ranks would write it."""
+    cfg, vocab = model_config({"model": model}), model["vocab_size"]
+    root = Path(out_dir)
+    staging = root / ".tmp-step_00000000"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    parts = []
+    for rank in range(tensor):
+        shapes = build_model(cfg, vocab, ParallelState(rank=rank, world_size=tensor, tensor=tensor), device="meta")
+        names = dict(shapes.named_parameters())
+        if names.keys() != full.keys():
+            raise CheckpointError(f"{source}: converted tensors do not match the model: "
+                                  f"{sorted(names.keys() ^ full.keys())[:3]}")
+        shard = RankShard(rank_file(rank))
+        for name, p in names.items():
+            sl = param_slice(name, p.shape, p.partition_dim, tensor, rank, vocab)
+            if sl.dim is None and rank > 0:
+                continue  # replicated: tensor rank 0 writes it, as in training
+            value = full[name] if sl.dim is None else full[name].narrow(sl.dim, sl.start, sl.stop - sl.start)
+            shard.add(f"model.{name}", value, sl)
+        parts.append((shard.file, shard.write(staging), shard.index))
+    files, tensors = merge_index(parts)
+    write_json(staging / METADATA, {
+        "format": FORMAT, "version": VERSION, "step": 0, "consumed_samples": 0,
+        "layout": {"tensor": tensor, "data": 1, "world_size": tensor, "shard_optimizer": False, "device": "cpu"},
+        "model": model, "optimizer": {"state": False, "param_groups": []}, "scheduler": None, "precision": None,
+        "rng": {"files": []}, "files": files, "tensors": tensors, "config": {"model": model}, "source": source,
+        "torch": torch.__version__,
+    })
+    commit(root, staging, "step_00000000", 0)
+    return root

@@ -1,0 +1,53 @@
+"""Which model a config builds: `model._target_` (set by each preset in conf/model/) names the class, and
+hydra.utils.instantiate builds it, so train.py, load_model and the converters never name a family.
+
+Every model class takes (model config, vocab_size, ParallelState, device=, dtype=, activation_checkpointing=)
+and has a `family` ("gpt", "bert"): the training objective and data that go with it (mtlm/train/objective.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import get_class, instantiate
+from torch import nn
+
+from mtlm.model.transformer import ACTIVATIONS, LAYERNORM_ORDERS
+from mtlm.parallel.state import ParallelState
+
+GPT_TARGET = "mtlm.model.gpt.GPT"  # what a config (or an older checkpoint) without `_target_` means
+
+
+def model_target(cfg: Any) -> str:
+    return getattr(cfg, "_target_", None) or GPT_TARGET
+
+
+def model_class(cfg: Any) -> type[nn.Module]:
+    return get_class(model_target(cfg))
+
+
+def build_model(cfg: Any, vocab_size: int, state: ParallelState, **kwargs: Any) -> nn.Module:
+    """The model `cfg._target_` names, for this rank (kwargs: device, dtype, activation_checkpointing)."""
+    make = instantiate({"_target_": model_target(cfg), "_partial_": True})
+    return make(cfg, vocab_size, state, **kwargs)
+
+
+def validate_model_config(m: Any) -> None:
+    """model.* checks the shared schema cannot express (called by mtlm.config.validate)."""
+    from mtlm.config import ConfigError
+
+    try:
+        cls = model_class(m)
+    except Exception as err:  # hydra wraps import errors in several types; one line is all the user needs
+        raise ConfigError("model._target_", f"cannot import {model_target(m)!r} ({type(err).__name__})") from None
+    if getattr(cls, "family", None) not in ("gpt", "bert"):
+        raise ConfigError("model._target_", f"{model_target(m)} is not an mtlm model class (no known `family`)")
+    if m.activation not in ACTIVATIONS:
+        raise ConfigError("model.activation", f"must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}")
+    if m.layernorm_order not in LAYERNORM_ORDERS:
+        raise ConfigError("model.layernorm_order", f"must be pre or post, got {m.layernorm_order!r}")
+    if cls.family == "gpt" and (m.activation, m.layernorm_order) != ("gelu_tanh", "pre"):
+        raise ConfigError("model.layernorm_order" if m.layernorm_order != "pre" else "model.activation",
+                          "GPT-2 is pre-LN with the tanh GeLU here; post-LN and exact GeLU are BERT's choices")
+    if cls.family == "bert" and m.seq_length < 5:
+        raise ConfigError("model.seq_length", f"BERT samples ([CLS] A [SEP] B [SEP]) need >= 5, got {m.seq_length}")

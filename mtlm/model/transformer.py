@@ -1,0 +1,196 @@
+"""The transformer layer both families share (GPT-2 and BERT), built from the tensor-parallel layers.
+
+What differs between the families is an explicit choice here, not a copy of the layer:
+
+- `causal`: GPT attends to earlier positions only; BERT attends both ways, with a padding mask (`key_padding`,
+  True where a key is a real token).
+- `model.layernorm_order`: `pre` (x + f(LN(x)), the paper's rearrangement that lets BERT scale, §4.3 / Fig. 7b)
+  or `post` (LN(x + f(x)), the original BERT and transformer, Fig. 7a).
+- `model.activation`: `gelu` (exact, erf: BERT, as Megatron-LM's default and transformers' MegatronBert) or
+  `gelu_tanh` (GPT-2's approximation).
+
+At tensor degree t each rank holds 1/t of the attention heads and of the MLP's columns/rows; layer norms and the
+residual stream are replicated (§3: cheaper to duplicate than to communicate). A layer does 2 all-reduces
+forward (g after attention and after the MLP) and 2 backward (f before them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtlm.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_sharded_
+from mtlm.parallel.random import tensor_region_rng
+from mtlm.parallel.state import ParallelState
+
+ACTIVATIONS = ("gelu", "gelu_tanh")
+LAYERNORM_ORDERS = ("pre", "post")
+
+
+def replicated(module: nn.Module) -> nn.Module:
+    """Mark every parameter of `module` as held whole by each tensor rank (partition_dim None)."""
+    for p in module.parameters():
+        p.partition_dim = None
+    return module
+
+
+def activation_fn(name: str):
+    """`gelu` (exact) or `gelu_tanh`, as a function of one tensor."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    approximate = "tanh" if name == "gelu_tanh" else "none"
+    return lambda x: F.gelu(x, approximate=approximate)
+
+
+def _use_unfused(impl: str, device: torch.device) -> bool:
+    if impl == "auto":  # see ModelConfig.attention
+        return device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    return impl == "unfused"
+
+
+_CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}
+
+
+def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                      is_causal: bool = True, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v as Megatron-LM computes it: one batched GEMM writes the scaled
+    scores in the compute dtype (with the causal mask added by the GEMM itself, baddbmm's beta term), the
+    softmax accumulates in fp32, its output is in the compute dtype for the second GEMM.
+
+    `key_padding` [b, s] (True: a real token) masks padded keys for bidirectional attention."""
+    b, n, s, d = q.shape
+    qf, kt = q.reshape(b * n, s, d), k.reshape(b * n, s, d).transpose(1, 2)
+    if is_causal:
+        key = (s, q.device, q.dtype)
+        if key not in _CAUSAL_BIAS:  # 0 on and below the diagonal, -inf above: added to the scores by baddbmm
+            _CAUSAL_BIAS[key] = torch.full((s, s), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
+        scores = torch.baddbmm(_CAUSAL_BIAS[key].expand(b * n, s, s), qf, kt, alpha=1.0 / math.sqrt(d))
+    else:
+        scores = torch.bmm(qf, kt).mul_(1.0 / math.sqrt(d))
+    if key_padding is not None:
+        bias = torch.zeros(b, 1, 1, s, device=q.device, dtype=scores.dtype).masked_fill_(
+            ~key_padding.view(b, 1, 1, s), float("-inf"))
+        scores = scores.view(b, n, s, s).add_(bias).view(b * n, s, s)
+    # torch's softmax kernels accumulate bf16/fp16 in fp32 and round once on output: the same bits as an fp32
+    # softmax followed by a cast, without the fp32 [b*n, s, s] temporary and the two casts. The dtype is
+    # explicit because CUDA autocast runs a softmax without one in fp32 (CPU autocast does not): an fp32
+    # probability tensor would be saved for backward and cast twice.
+    probs = scores.softmax(-1, dtype=scores.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return torch.bmm(probs, v.reshape(b * n, s, d)).view(b, n, s, d)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, is_causal: bool = True,
+          key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    mask = None if key_padding is None else key_padding[:, None, None, :]  # bool: True attends
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Any, state: ParallelState, causal: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        h, heads = cfg.hidden_size, cfg.num_attention_heads
+        self.local_heads = heads // state.tensor  # §3: each rank owns whole heads
+        self.head_dim = h // heads
+        self.dropout = cfg.dropout
+        self.causal = causal
+        self.device = state.device
+        self.impl = getattr(cfg, "attention", "auto")
+        # Output rows are grouped by head ([head][q,k,v][head_dim]), so a rank's contiguous slice holds whole
+        # heads, and a checkpoint shard for another tensor degree is again a contiguous slice.
+        self.qkv = ColumnParallelLinear(h, 3 * h, state, device=device, dtype=dtype)
+        self.proj = RowParallelLinear(h, h, state, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
+        p = self.dropout if self.training else 0.0
+        attend = unfused_attention if _use_unfused(self.impl, x.device) else _sdpa
+        mask = {} if key_padding is None else {"key_padding": key_padding}
+        if p > 0:
+            # Attention dropout is inside the parallel region: masks must differ per tensor rank.
+            with tensor_region_rng(self.device):
+                y = attend(q, k, v, dropout_p=p, is_causal=self.causal, **mask)
+        else:
+            y = attend(q, k, v, is_causal=self.causal, **mask)
+        return self.proj(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Any, state: ParallelState, device=None, dtype=None) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.act = activation_fn(getattr(cfg, "activation", "gelu_tanh"))
+        self.fc = ColumnParallelLinear(h, 4 * h, state, device=device, dtype=dtype)
+        self.proj = RowParallelLinear(4 * h, h, state, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # §3: GeLU on each rank's own column slice, no synchronisation needed before the row-parallel GEMM.
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    """One transformer layer: attention and MLP sublayers, each with a layer norm, dropout and a residual add.
+
+    pre-LN: x + drop(f(LN(x))); post-LN: LN(x + drop(f(x))). ln1 belongs to the attention sublayer and ln2 to
+    the MLP in both orders, so parameter names do not depend on the order."""
+
+    def __init__(self, cfg: Any, state: ParallelState, causal: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.layernorm_eps
+        self.pre_ln = getattr(cfg, "layernorm_order", "pre") == "pre"
+        self.ln1 = replicated(nn.LayerNorm(h, eps=eps, device=device, dtype=dtype))
+        self.attn = Attention(cfg, state, causal, device, dtype)
+        self.ln2 = replicated(nn.LayerNorm(h, eps=eps, device=device, dtype=dtype))
+        self.mlp = MLP(cfg, state, device, dtype)
+        # Residual dropout acts on the replicated stream: default RNG, identical across the tensor group.
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.drop(self.attn(self.ln1(x), key_padding))
+            return x + self.drop(self.mlp(self.ln2(x)))
+        x = self.ln1(x + self.drop(self.attn(x, key_padding)))
+        return self.ln2(x + self.drop(self.mlp(x)))
+
+
+def stream_norms(cfg: Any, device=None, dtype=None) -> tuple[nn.LayerNorm | None, nn.LayerNorm | None]:
+    """(embedding norm, final norm) of the residual stream. Pre-LN blocks leave the stream unnormalised, so the
+    stack ends in a final layer norm; post-LN blocks end in one already, and the embeddings are normalised
+    instead (original BERT's embedding LayerNorm)."""
+    norm = replicated(nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, device=device, dtype=dtype))
+    return (None, norm) if getattr(cfg, "layernorm_order", "pre") == "pre" else (norm, None)
+
+
+def layer_parameters(hidden: int) -> int:
+    """Parameters of one layer: qkv 3h^2+3h, attention out h^2+h, MLP 4h^2+4h and 4h^2+h, two norms 4h."""
+    return 12 * hidden * hidden + 13 * hidden
+
+
+@torch.no_grad()
+def init_weights_(model: nn.Module, seed: int, std: float, num_layers: int, state: ParallelState,
+                  vocab_size: int, vocab_params: tuple[str, ...] = ("wte.weight",)) -> None:
+    """§4 initialisation: weights N(0, std), the two layers feeding each residual add (`*proj.weight`) scaled by
+    1/sqrt(2N); biases 0; layer norms 1. Each full weight is drawn from a (seed, name) generator whatever the
+    tensor degree; `vocab_params` are split over the padded vocabulary, whose padding rows stay 0."""
+    residual_std = std / math.sqrt(2 * num_layers)
+    t, r = state.tensor, state.tp_rank
+    norms = {f"{m}.{n}" if m else n for m, mod in model.named_modules() if isinstance(mod, nn.LayerNorm)
+             for n, _ in mod.named_parameters(recurse=False)}
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
+        if name.endswith("bias"):
+            p.zero_()
+        elif name in norms:
+            p.fill_(1.0)
+        elif name in vocab_params:
+            init_sharded_(p, name, seed, std, r, t, full_rows=vocab_size)
+        else:
+            init_sharded_(p, name, seed, residual_std if name.endswith("proj.weight") else std, r, t)
