@@ -33,6 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mtlm.files import respect_umask
+
 FORMAT = "mtlm-checkpoint"
 VERSION = 1
 METADATA = "metadata.json"
@@ -124,6 +126,7 @@ class RankShard:
         """Write and fsync the file; returns its size in bytes (recorded, so truncation is detected)."""
         path = directory / self.file
         save_file(self.tensors, str(path), metadata=self.metadata or None)
+        respect_umask(path)  # safetensors creates it 0600; checkpoints are shared
         fsync_path(path)
         return path.stat().st_size
 
