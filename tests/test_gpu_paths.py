@@ -153,3 +153,19 @@ def test_every_rank_creates_the_same_groups_in_the_same_order(monkeypatch: pytes
     per_rank = [_groups_created(monkeypatch, tensor, data, rank)[0] for rank in range(tensor * data)]
     assert all(calls == per_rank[0] for calls in per_rank) and per_rank[0]
     assert all(len(ranks) > 1 for ranks, _ in per_rank[0])
+
+
+def test_run_summary_has_no_mfu_without_a_known_peak(small_data_cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MIG slice (or a GPU not in the table) has a NaN peak: summary.json says null, not NaN or a guess."""
+    import math
+
+    from mtlm.train import loop
+    from tests.compose import SMALL_MODEL, compose_config
+
+    monkeypatch.setenv("MTLM_CACHE_DIR", small_data_cache)
+    trainer = loop.Trainer(compose_config(*SMALL_MODEL), ParallelState(), None, {})
+    mig = "unknown:NVIDIA A100-SXM4-40GB MIG 1g.5gb"
+    monkeypatch.setattr(loop, "peak_tflops", lambda *args, **kwargs: (math.nan, mig))
+    summary = trainer._summary({"loss": 5.0}, {}, timed_steps=2, timed_s=1.0)
+    assert summary["mfu"] is None and summary["peak_tflops_per_device"] is None and summary["peak_source"] == mig
+    assert summary["tflops_per_device"] > 0
