@@ -92,14 +92,31 @@ class SchedulerConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    # sentencepiece | gpt2 | wordpiece (mtlm/data/text_tokenizer.py).
+    type: str = "sentencepiece"
+    # sentencepiece: a .model file; None trains a BPE model (data.vocab_size pieces) on the corpus and caches it.
+    model: str | None = None
+    # gpt2: vocab.json + merges.txt (GPT-2's byte-level BPE, as NVIDIA ships with Megatron); wordpiece: vocab.txt.
+    vocab_file: str | None = None
+    merge_file: str | None = None
+
+
+@dataclass
 class DataConfig:
-    # Empty: the built-in corpus (the English text of Python's pydoc_data.topics).
+    # Empty: the built-in corpus (the English text of Python's pydoc_data.topics). .txt / .jsonl (.gz, .zst) files
+    # are tokenized into the cache by the first run; a path without such a suffix is a token-file prefix
+    # (PREFIX.bin + PREFIX.idx, Megatron-LM's format; mtlm/data/indexed.py); [w1, prefix1, w2, prefix2] blends them.
     paths: list[str] = field(default_factory=list)
+    blend: dict[str, float] = field(default_factory=dict)  # token-file prefix -> weight (instead of weights in paths)
     text_key: str = "text"
-    # Path of a sentencepiece .model; None trains a BPE tokenizer on the corpus and caches it.
-    tokenizer: str | None = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     vocab_size: int = 4096
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # text files: the last fraction of the token stream is the validation set
+    split: str = "969,30,1"  # token files: train,valid,test weights, split by documents as Megatron-LM does
+    # A document that is not valid UTF-8, a .jsonl line that is not JSON or lacks text_key: skip (counted and
+    # reported) or fail.
+    bad_documents: str = "skip"
     cache_dir: str = "~/.cache/mtlm"
 
 
@@ -250,7 +267,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     from mtlm.data import DataError, validate_data_config
 
     try:
-        validate_data_config(cfg.data)
+        validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
     except DataError as err:
         raise ConfigError(str(err).split(":", 1)[0], str(err).split(":", 1)[-1].strip()) from None
 
@@ -350,6 +367,10 @@ def compose_error(config_dir: str, overrides: list[str], config_name: str = "con
     except ConfigError as err:
         return f"config error: {err}"
     except (HydraException, OmegaConfBaseException) as err:
+        from mtlm.data.text_tokenizer import legacy_override_message
+
+        if (line := legacy_override_message(overrides)) is not None:
+            return f"config error: {line}"
         parts = [str(err)] + ([str(err.__cause__)] if err.__cause__ else [])
         lines = [ln.strip() for part in parts for ln in part.splitlines() if ln.strip()]
         if any(ln.startswith("Config search path") for ln in lines):

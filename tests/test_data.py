@@ -312,24 +312,26 @@ def test_bad_paths_raise_one_line_errors(cache, tmp_path):
 
 
 def test_bad_jsonl_raise_one_line_errors(cache, tmp_path):
+    """data.bad_documents=fail: each bad line is a one-line error naming file and line (default skip: see
+    tests/test_token_files.py)."""
     good = json.dumps({"text": default_documents()[0]})
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text(f"{good}\n{good}\n{{not json\n")
     with pytest.raises(DataError) as e:
-        build_data(make_cfg(paths=[str(bad_json)], vocab_size=400), seq_length=8, seed=0)
+        build_data(make_cfg(paths=[str(bad_json)], vocab_size=400, bad_documents="fail"), seq_length=8, seed=0)
     assert f"{bad_json} line 3" in one_line(e) and "JSON" in str(e.value)
 
     no_key = tmp_path / "nokey.jsonl"
     no_key.write_text(f"{good}\n" + json.dumps({"body": "x"}) + "\n")
     with pytest.raises(DataError) as e:
-        build_data(make_cfg(paths=[str(no_key)], vocab_size=400), seq_length=8, seed=0)
+        build_data(make_cfg(paths=[str(no_key)], vocab_size=400, bad_documents="fail"), seq_length=8, seed=0)
     msg = one_line(e)
     assert msg.startswith("data.text_key") and "'text'" in msg and f"{no_key} line 2" in msg
 
     not_obj = tmp_path / "list.jsonl"
     not_obj.write_text("[1, 2]\n")
     with pytest.raises(DataError) as e:
-        prepare_data(make_cfg(paths=[str(not_obj)], vocab_size=400), seq_length=8)
+        prepare_data(make_cfg(paths=[str(not_obj)], vocab_size=400, bad_documents="fail"), seq_length=8)
     assert f"{not_obj} line 1" in one_line(e)
     assert not [p for p in cache.rglob("*") if p.is_file()], "a failed prepare must not leave files"
 
@@ -338,7 +340,7 @@ def test_bad_tokenizer_and_settings(cache, tmp_path):
     missing = tmp_path / "missing.model"
     with pytest.raises(DataError) as e:
         build_data(make_cfg(tokenizer=str(missing)), seq_length=8, seed=0)
-    assert one_line(e).startswith(f"data.tokenizer: file not found: {missing}")
+    assert one_line(e).startswith(f"data.tokenizer.model: file not found: {missing}")
 
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"not a sentencepiece model")

@@ -13,9 +13,10 @@ import torch
 from mtlm.data.errors import DataError
 
 
-def too_small(split: str, num_tokens: int, seq_length: int) -> DataError:
+def too_small(split: str, num_tokens: int, seq_length: int, hint: str | None = None) -> DataError:
     """The error for a split with fewer than seq_length + 1 tokens (not even one sample)."""
-    hint = "raise data.val_fraction, " if split == "val" else ""
+    if hint is None:
+        hint = "raise data.val_fraction, " if split == "val" else ""
     return DataError(
         f"data: corpus too small for model.seq_length={seq_length}: the {split} split has {num_tokens} "
         f"tokens, needs at least {seq_length + 1}; {hint}add text or lower model.seq_length"

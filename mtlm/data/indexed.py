@@ -139,6 +139,27 @@ class IndexedWriter:
             self.abort()
 
 
+def read_header(idx_path: str) -> tuple[np.dtype, int, int]:
+    """(dtype, sequence count, document-index count) of an .idx file, checked against the file's size."""
+    size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) < HEADER_BYTES or head[: len(MAGIC)] != MAGIC:
+        raise DataError(f"data.paths: {idx_path} is not a Megatron indexed-dataset index (no MMIDIDX "
+                        f"header); {_HINT}")
+    version, code, n, d = HEADER.unpack(head[len(MAGIC):])
+    if version != VERSION:
+        raise DataError(f"data.paths: {idx_path} has index version {version}; only version {VERSION} "
+                        f"is known; {_HINT}")
+    if code not in DTYPE_CODES:
+        raise DataError(f"data.paths: {idx_path} has an unknown dtype code {code}; {_HINT}")
+    expected = HEADER_BYTES + 12 * n + 8 * d
+    if size != expected:
+        raise DataError(f"data.paths: {idx_path} has {size} bytes but its header ({n} sequences, {d} "
+                        f"document indices) needs {expected}: truncated or not this format; {_HINT}")
+    return np.dtype(DTYPE_CODES[code]), int(n), int(d)
+
+
 class IndexedDataset:
     """A PREFIX.bin / PREFIX.idx pair, memory-mapped and checked (header, version, sizes against .bin).
 
@@ -153,7 +174,7 @@ class IndexedDataset:
             if not os.path.isfile(path):
                 raise DataError(f"data.paths: {path} not found (a token-file prefix needs both PREFIX.bin and "
                                 "PREFIX.idx)")
-        self.dtype, n, d = self._read_header()
+        self.dtype, n, d = read_header(self.idx_path)
         index = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
         off = HEADER_BYTES
         self.sizes = index[off: off + 4 * n].view(np.int32)
@@ -175,25 +196,6 @@ class IndexedDataset:
                             f"{n}; {_HINT}")
         self.tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r") if bin_bytes
                        else np.empty(0, dtype=self.dtype))
-
-    def _read_header(self) -> tuple[np.dtype, int, int]:
-        size = os.path.getsize(self.idx_path)
-        with open(self.idx_path, "rb") as f:
-            head = f.read(HEADER_BYTES)
-        if len(head) < HEADER_BYTES or head[: len(MAGIC)] != MAGIC:
-            raise DataError(f"data.paths: {self.idx_path} is not a Megatron indexed-dataset index (no MMIDIDX "
-                            f"header); {_HINT}")
-        version, code, n, d = HEADER.unpack(head[len(MAGIC):])
-        if version != VERSION:
-            raise DataError(f"data.paths: {self.idx_path} has index version {version}; only version {VERSION} "
-                            f"is known; {_HINT}")
-        if code not in DTYPE_CODES:
-            raise DataError(f"data.paths: {self.idx_path} has an unknown dtype code {code}; {_HINT}")
-        expected = HEADER_BYTES + 12 * n + 8 * d
-        if size != expected:
-            raise DataError(f"data.paths: {self.idx_path} has {size} bytes but its header ({n} sequences, {d} "
-                            f"document indices) needs {expected}: truncated or not this format; {_HINT}")
-        return np.dtype(DTYPE_CODES[code]), int(n), int(d)
 
     def __len__(self) -> int:
         """The number of sequences (Megatron's convention)."""

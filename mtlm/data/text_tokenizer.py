@@ -67,6 +67,17 @@ class TokenizerSpec:
         return [self.type] + [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.files()]
 
 
+def legacy_override_message(overrides: Sequence[str]) -> str | None:
+    """The one line for an override of the old form `data.tokenizer=PATH` (or null), which the typed schema
+    rejects now that data.tokenizer is a group of keys."""
+    for override in overrides:
+        if override.lstrip("+~").startswith("data.tokenizer="):
+            return ("data.tokenizer: is a group of keys now: give a sentencepiece model as data.tokenizer.model=PATH "
+                    "(null trains one), or GPT-2's BPE as data.tokenizer.type=gpt2 data.tokenizer.vocab_file=... "
+                    "data.tokenizer.merge_file=...")
+    return None
+
+
 def _abs(path: Any) -> str | None:
     return None if path in (None, "") else os.path.abspath(os.path.expanduser(str(path)))
 

@@ -38,7 +38,7 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
     """Validate everything, then train. Bad input exits with status 2 and one line, before any spawn."""
     try:
         validate(cfg, env_world_size())
-        prepare_data(cfg.data, cfg.model.seq_length)
+        prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, cfg.trainer.seed)
         resume = check_before_launch(cfg, lambda: cfg.model.vocab_size or build_data(
             cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size)
     except (ConfigError, DataError, CheckpointError) as err:

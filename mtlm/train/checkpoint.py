@@ -345,8 +345,9 @@ def save_trainer(trainer: Any) -> Path:
 
     ck = trainer.cfg.checkpoint
     config = OmegaConf.to_container(trainer.cfg, resolve=True) if trainer.state.is_main else None
-    tok = trainer.data.tokenizer
-    tokenizer = {"path": getattr(tok, "path", None), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+    tok = trainer.data.tokenizer  # None: token files trained without a data.tokenizer
+    tokenizer = None if tok is None else tok.entry() if hasattr(tok, "entry") else \
+        {"path": getattr(tok, "path", None), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
     path = save_checkpoint(ck.dir, trainer.step, trainer.consumed_samples, trainer.state, trainer.model,
                            trainer.optimizer, trainer.scheduler, trainer.precision, config, ck.keep,
                            {"tokenizer": tokenizer})
