@@ -3,6 +3,7 @@ GPT with it at tensor degree 2 equals degree 1, and its attention dropout draws 
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -70,16 +71,19 @@ class _CudaSoftmaxPolicy(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("module", ["gpt", "transformer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_unfused_attention_keeps_the_compute_dtype_under_cuda_autocast_rules(dtype: torch.dtype) -> None:
+def test_unfused_attention_keeps_the_compute_dtype_under_cuda_autocast_rules(dtype: torch.dtype,
+                                                                             module: str) -> None:
     """Issue 17 (4): the probabilities stay in the compute dtype even where autocast would make them fp32."""
+    attend = importlib.import_module(f"mtlm.model.{module}").unfused_attention
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 2, 8, 4, generator=gen, dtype=dtype) for _ in range(3))
     with torch.autocast("cpu", dtype=dtype), _CudaSoftmaxPolicy() as policy:
-        y = unfused_attention(q, k, v)
+        y = attend(q, k, v)
     assert policy.out_dtypes == [dtype] and y.dtype == dtype
     with _CudaSoftmaxPolicy() as policy:  # fp32 stays fp32
-        unfused_attention(*(t.float() for t in (q, k, v)))
+        attend(*(t.float() for t in (q, k, v)))
     assert policy.out_dtypes == [torch.float32]
 
 
