@@ -230,3 +230,32 @@ def test_loss_at_init_is_log_vocab() -> None:
     logits = model(ids, types, mask)[0]
     ref = torch.nn.functional.cross_entropy(logits[labels >= 0][:, :1000], labels[labels >= 0], reduction="none")
     torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_flops_counted_gemm_by_gemm() -> None:
+    """The formula against a GEMM-by-GEMM count: per layer qkv 6bsh^2, attention out 2bsh^2, MLP 16bsh^2, scores
+    and scores x v 2bs^2h each; LM head on the 15% masked positions 2mh^2 + 2mhV; pooler 2bh^2, binary head 4bh;
+    backward twice forward; recompute adds one forward of every layer."""
+    from mtlm.metrics import flops
+
+    b, s, L, h, v = 8, 512, 24, 1024, 30592
+    layer = 6 * b * s * h * h + 2 * b * s * h * h + 16 * b * s * h * h + 4 * b * s * s * h
+    m = 0.15 * b * s
+    heads = 2 * m * h * h + 2 * m * h * v + 2 * b * h * h + 4 * b * h
+    assert flops.bert_model_flops_per_iteration(b, s, L, h, v) == pytest.approx(3 * (L * layer + heads), rel=1e-12)
+    assert flops.bert_hardware_flops_per_iteration(b, s, L, h, v, recompute=True) == pytest.approx(
+        3 * (L * layer + heads) + L * layer, rel=1e-12)
+    assert flops.bert_hardware_flops_per_iteration(b, s, L, h, v, recompute=False) == \
+        flops.bert_model_flops_per_iteration(b, s, L, h, v)
+
+
+@pytest.mark.parametrize("experiment,scales", [("weak_scaling_bert_cpu", ["bert_cpu_t1", "bert_cpu_t2"]),
+                                               ("weak_scaling_bert_tp", ["bert_336m_t1", "bert_1.3b_t4",
+                                                                         "bert_3.9b_t8"])])
+def test_bert_experiments_compose(experiment: str, scales: list[str]) -> None:
+    from tests.compose import compose_config
+
+    for scale in scales:
+        cfg = compose_config(f"+experiment={experiment}", f"scale={scale}", "trainer.device=cpu")
+        assert cfg.model._target_ == "mtlm.model.bert.BERT" and cfg.model.activation == "gelu"
+        assert cfg.model.name.startswith("bert_") and cfg.parallel.tensor == int(scale.rsplit("_t", 1)[1])
