@@ -52,6 +52,10 @@ class ModelConfig:
     # (GPT-2); `pre`-LN (the paper's rearrangement) or `post`-LN (original BERT, the paper's Fig. 7 ablation).
     activation: str = "gelu_tanh"
     layernorm_order: str = "pre"
+    # GPT only: `learned` position embeddings (GPT-2) or `alibi` (none; a per-head linear bias on the attention
+    # scores, mtlm/model/alibi.py), and a layer norm on the word embeddings: both BLOOM's (conf/model/bloom_*).
+    position_embedding: str = "learned"
+    embedding_layernorm: bool = False
 
 
 ATTENTION_IMPLS = ("auto", "sdpa", "unfused")

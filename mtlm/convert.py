@@ -21,6 +21,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -30,7 +31,9 @@ from mtlm.api import model_config
 from mtlm.convert_bert import BERT_TARGET
 from mtlm.convert_bert import from_hf as bert_from_hf
 from mtlm.convert_bert import to_hf as bert_to_hf
+from mtlm.data.errors import DataError
 from mtlm.files import respect_umask
+from mtlm.interop.bloom import from_hf_bloom, is_bloom, is_bloom_model, to_hf_bloom
 from mtlm.model.build import model_target
 from mtlm.model.gpt import GPT
 from mtlm.parallel.state import ParallelState
@@ -106,6 +109,8 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     m = model_config(meta)
     reader = ShardReader(step_dir, meta)
     names = [n.removeprefix("model.") for n in meta["tensors"] if n.startswith("model.")]
+    if is_bloom_model(meta["model"]):  # BloomForCausalLM (mtlm/interop/bloom.py)
+        return to_hf_bloom(step_dir, out_dir)
     if model_target(m) == BERT_TARGET:  # MegatronBertForPreTraining (mtlm/convert_bert.py)
         return bert_to_hf(meta, {n: reader.read_full(f"model.{n}") for n in names}, step_dir, out_dir)
     hf = mtlm_to_hf({n: reader.read_full(f"model.{n}") for n in names}, m.num_layers, m.num_attention_heads)
@@ -130,15 +135,20 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _config(hf_dir: Path) -> dict:
     config_path = hf_dir / "config.json"
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        return json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{config_path}: cannot read a Hugging Face config ({err})") from None
+
+
+def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    config_path = hf_dir / "config.json"
+    config = _config(hf_dir)
     if config.get("model_type") not in ("gpt2", "megatron-bert"):
-        raise CheckpointError(f"{config_path}: model_type is {config.get('model_type')!r}, only gpt2 and "
-                              "megatron-bert convert")
+        raise CheckpointError(f"{config_path}: model_type is {config.get('model_type')!r}, only gpt2, "
+                              "megatron-bert and bloom convert")
     gpt = config["model_type"] == "gpt2"
     if gpt and config.get("activation_function", "gelu_new") not in TANH_GELUS:
         raise CheckpointError(f"{config_path}: activation_function {config['activation_function']!r}; mtlm's "
@@ -159,8 +169,14 @@ def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def from_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1) -> Path:
-    """Import a GPT2LMHeadModel folder as an mtlm checkpoint folder (latest -> step_00000000) at `tensor`."""
+def from_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:
+    """Import a GPT2LMHeadModel folder as an mtlm checkpoint folder (latest -> step_00000000) at `tensor`.
+    `tokenizer` (BLOOM only, for now): recorded in the metadata after checking it fits the embedding."""
+    if is_bloom(_config(Path(hf_dir))):  # BloomForCausalLM (mtlm/interop/bloom.py)
+        return from_hf_bloom(hf_dir, out_dir, tensor, tokenizer)
+    if tokenizer is not None:
+        raise CheckpointError("--vocab-file / --tokenizer-file: from-hf records a tokenizer for BLOOM folders "
+                              "only (GPT-2 and BERT: give it to the tools with data.tokenizer.*)")
     config, hf = _read_hf(Path(hf_dir))
     if config["model_type"] == "megatron-bert":
         return bert_from_hf(config, hf, Path(hf_dir), out_dir, tensor)
@@ -210,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree to write the shards for")
-    from mtlm.interop.cli import add_commands
+    from mtlm.interop.cli import add_commands, add_tokenizer_options, open_tokenizer
 
-    add_commands(sub)  # from-megatron, to-megatron
+    add_tokenizer_options(p)
+    add_commands(sub)  # from-megatron, to-megatron, from-deepspeed
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "run"):
@@ -220,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "to-hf":
             print(f"wrote {to_hf(args.checkpoint, args.out_dir)}")
         else:
-            print(f"wrote {from_hf(args.hf_dir, args.out_dir, args.tensor)}")
-    except CheckpointError as err:
+            print(f"wrote {from_hf(args.hf_dir, args.out_dir, args.tensor, open_tokenizer(args))}")
+    except (CheckpointError, DataError) as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return 2
     return 0

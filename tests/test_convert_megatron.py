@@ -207,36 +207,6 @@ def test_345m_layout_parameter_count() -> None:
         assert sum(p.numel() for p in gpt.parameters()) == 354_871_296 == gpt.num_parameters()
 
 
-def _logits_at_degree(state, paths: list[str], ids: torch.Tensor) -> list[torch.Tensor]:
-    """Each converted checkpoint run at this process group's tensor degree, logits gathered over the vocab."""
-    from mtlm.api import model_config
-    from mtlm.model.gpt import GPT
-    from mtlm.parallel.mappings import gather_last_dim
-    from mtlm.train.checkpoint import restore_checkpoint
-    from mtlm.train.reshard import find_checkpoint
-
-    out = []
-    for path in paths:
-        meta = read_metadata(find_checkpoint(path))
-        model = GPT(model_config(meta), meta["model"]["vocab_size"], state).eval()
-        restore_checkpoint(path, state, model)
-        with torch.no_grad():
-            out.append(gather_last_dim(model(ids), state.tp_group)[..., :meta["model"]["vocab_size"]])
-    return out
-
-
-@pytest.mark.multiprocess
-def test_converted_checkpoints_at_tensor_degree_2(hf, tmp_path: Path) -> None:
-    from tests.distributed import run_ranks
-
-    src = write_megatron(tmp_path / "meg", hf, 0, 2, False, True)  # v0: each rank's rows [q|k|v] of its heads
-    from_megatron(src, tmp_path / "ck", 2, num_attention_heads=HEADS, tokenizer=_tok(VOCAB))
-    results = run_ranks(_logits_at_degree, 2, [str(tmp_path / "ck")], _ids())
-    for ours in results[0]:
-        _assert_logits(ours, hf)
-    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
-
-
 def test_gpt2_bpe_files_are_checked_and_recorded(hf, tmp_path: Path, capsys) -> None:
     from mtlm.data.gpt2_bpe import bytes_to_symbols, write_bpe_files
     from mtlm.data.text_tokenizer import tokenizer_from_entry

@@ -79,8 +79,16 @@ def _to_megatron(args: argparse.Namespace) -> Path:
     return to_megatron(args.checkpoint, args.out_dir, args.tensor)
 
 
+@_guard
+def _from_deepspeed(args: argparse.Namespace) -> Path:
+    from mtlm.interop.deepspeed import from_deepspeed
+
+    return from_deepspeed(args.src, args.out_dir, args.tensor, args.preset, args.num_attention_heads,
+                          open_tokenizer(args))
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add from-megatron / to-megatron; each sets `run` (args -> the folder written)."""
+    """Add from-megatron / to-megatron / from-deepspeed; each sets `run` (args -> the folder written)."""
     p = sub.add_parser("from-megatron", help="Megatron-LM legacy checkpoint (folder or NGC zip) -> mtlm checkpoint")
     p.add_argument("src", help="checkpoint folder (with latest_checkpointed_iteration.txt), release/ or iter_*/ "
                                "folder, one .pt file, or the released zip")
@@ -97,3 +105,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", help="a new or empty folder")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree (mp_rank_* files) to write")
     p.set_defaults(run=_to_megatron)
+    p = sub.add_parser("from-deepspeed", help="Megatron-DeepSpeed BLOOM checkpoint (global_step*/layer_*) -> mtlm")
+    p.add_argument("src", help="checkpoint folder (with `latest`) or one global_step* folder")
+    p.add_argument("out_dir")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree to write the shards for")
+    p.add_argument("--preset", default=None, help="conf/model preset giving the attention heads, e.g. bloom_560m")
+    p.add_argument("--num-attention-heads", type=int, default=None, help="attention heads (not in the files)")
+    add_tokenizer_options(p)
+    p.set_defaults(run=_from_deepspeed)

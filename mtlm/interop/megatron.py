@@ -243,6 +243,9 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
         raise CheckpointError(f"{label}: no args in the file, so the number of attention heads is unknown: pass "
                               "--num-attention-heads N or --preset NAME")
     model = model_section(first, len(ranks), args, spec, heads, preset or Path(out_dir).name)
+    if model["_target_"] == GPT_TARGET and model["activation"] == "gelu":
+        raise CheckpointError(f"{label}: args say the exact (erf) GeLU (bias_gelu_fusion off, no openai_gelu); "
+                              "mtlm's GPT runs the tanh approximation, so its logits would differ")
     for key in ("num_attention_heads", "num_layers", "hidden_size"):
         value = num_attention_heads if key == "num_attention_heads" else model[key]
         for where, have in (("args", getattr(args, key, None)), (f"--preset {preset}", spec.get(key))):

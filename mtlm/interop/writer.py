@@ -21,6 +21,7 @@ from mtlm.parallel.state import ParallelState
 from mtlm.train.reshard import (
     FORMAT,
     METADATA,
+    PADDED_VOCAB,
     VERSION,
     CheckpointError,
     RankShard,
@@ -38,10 +39,10 @@ ModelBuilder = Callable[[Any, int, ParallelState], nn.Module]
 
 
 def build_on_meta(cfg: Any, vocab_size: int, state: ParallelState) -> nn.Module:
-    """The model a checkpoint's model section describes, on the meta device (shapes only, no memory)."""
-    from mtlm.model.gpt import GPT
+    """The model a checkpoint's model section describes (its `_target_`), on the meta device (shapes only)."""
+    from mtlm.model.build import build_model
 
-    return GPT(cfg, vocab_size, state, device="meta")
+    return build_model(cfg, vocab_size, state, device="meta")
 
 
 def check_names(full: dict[str, torch.Tensor], model: nn.Module, origin: str) -> None:
@@ -54,7 +55,7 @@ def check_names(full: dict[str, torch.Tensor], model: nn.Module, origin: str) ->
                               f"unexpected {extra[:3]}")
     for name, p in params.items():
         want = list(p.shape)
-        if getattr(p, "partition_dim", None) == 0 and name == "wte.weight":
+        if getattr(p, "partition_dim", None) == 0 and name in PADDED_VOCAB:
             want[0] = full[name].shape[0]  # the vocabulary is checked by the caller (real size, not padded)
         if list(full[name].shape) != want:
             raise CheckpointError(f"{origin}: {name} has shape {list(full[name].shape)}, the model needs {want}")

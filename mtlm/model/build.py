@@ -12,6 +12,7 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from torch import nn
 
+from mtlm.model.alibi import validate_position_options
 from mtlm.model.transformer import ACTIVATIONS, LAYERNORM_ORDERS
 from mtlm.parallel.state import ParallelState
 
@@ -49,5 +50,6 @@ def validate_model_config(m: Any) -> None:
     if cls.family == "gpt" and (m.activation, m.layernorm_order) != ("gelu_tanh", "pre"):
         raise ConfigError("model.layernorm_order" if m.layernorm_order != "pre" else "model.activation",
                           "GPT-2 is pre-LN with the tanh GeLU here; post-LN and exact GeLU are BERT's choices")
+    validate_position_options(m, cls.family)
     if cls.family == "bert" and m.seq_length < 5:
         raise ConfigError("model.seq_length", f"BERT samples ([CLS] A [SEP] B [SEP]) need >= 5, got {m.seq_length}")

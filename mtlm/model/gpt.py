@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlm.model.alibi import alibi_causal_bias, local_slopes
 from mtlm.model.kv_cache import KVCache, LayerKV, cached_attention
 from mtlm.parallel.checkpoint import checkpoint_block
 from mtlm.parallel.cross_entropy import mask_padded_logits_, vocab_parallel_cross_entropy
@@ -56,6 +57,10 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.device = state.device
         self.impl = getattr(cfg, "attention", "auto")
+        # BLOOM (model.position_embedding=alibi): this rank's heads' ALiBi slopes, a bias on the scores instead
+        # of position embeddings.
+        alibi = getattr(cfg, "position_embedding", "learned") == "alibi"
+        self.slopes = local_slopes(heads, state.tensor, state.tp_rank) if alibi else None
         # Output rows are grouped by head ([head][q,k,v][head_dim]), so a rank's contiguous slice holds whole
         # heads, and a checkpoint shard for another tensor degree is again a contiguous slice.
         self.qkv = ColumnParallelLinear(h, 3 * h, state, device=device, dtype=dtype)
@@ -67,14 +72,20 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
         p = self.dropout if self.training else 0.0
         attend = unfused_attention if _use_unfused(self.impl, x.device) else F.scaled_dot_product_attention
+        mask: dict = {"is_causal": True}
+        if self.slopes is not None:  # ALiBi: its bias holds the positions and the causal mask
+            if kv_cache is not None:
+                k, v = kv_cache.append(k, v)
+                kv_cache = None
+            mask = {"attn_mask": alibi_causal_bias(self.slopes, s, q.dtype, q.device, keys=k.shape[2])}
         if kv_cache is not None:  # generation: this layer's earlier keys/values + these (mtlm/model/kv_cache.py)
             y = cached_attention(q, *kv_cache.append(k, v))
         elif p > 0:
             # Attention dropout is inside the parallel region: masks must differ per tensor rank.
             with tensor_region_rng(self.device):
-                y = attend(q, k, v, dropout_p=p, is_causal=True)
+                y = attend(q, k, v, dropout_p=p, **mask)
         else:
-            y = attend(q, k, v, is_causal=True)
+            y = attend(q, k, v, **mask)
         return self.proj(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
 
 
@@ -88,17 +99,24 @@ _CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}
 
 
 def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                      is_causal: bool = True) -> torch.Tensor:
+                      is_causal: bool = True, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(d)) v as Megatron-LM computes it: one batched GEMM writes the scaled
     scores in the compute dtype with the causal mask added by the GEMM itself (baddbmm's beta term), the
-    softmax accumulates in fp32, its output is in the compute dtype for the second GEMM."""
-    assert is_causal, "GPT attention is always causal"
+    softmax accumulates in fp32, its output is in the compute dtype for the second GEMM.
+
+    `attn_mask` [heads, s, t]: an additive bias that replaces the causal mask and must include it (ALiBi)."""
+    assert is_causal or attn_mask is not None, "GPT attention is causal: by is_causal or by attn_mask"
     b, n, s, d = q.shape
-    key = (s, q.device, q.dtype)
-    if key not in _CAUSAL_BIAS:  # 0 on and below the diagonal, -inf above: added to the scores by baddbmm
-        _CAUSAL_BIAS[key] = torch.full((s, s), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
-    scores = torch.baddbmm(_CAUSAL_BIAS[key].expand(b * n, s, s), q.reshape(b * n, s, d),
-                           k.reshape(b * n, s, d).transpose(1, 2), alpha=1.0 / math.sqrt(d))
+    t = k.shape[2]
+    if attn_mask is not None:
+        bias = attn_mask.expand(b, n, s, t).reshape(b * n, s, t)
+    else:
+        key = (s, q.device, q.dtype)
+        if key not in _CAUSAL_BIAS:  # 0 on and below the diagonal, -inf above: added to the scores by baddbmm
+            _CAUSAL_BIAS[key] = torch.full((s, s), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
+        bias = _CAUSAL_BIAS[key].expand(b * n, s, s)
+    scores = torch.baddbmm(bias, q.reshape(b * n, s, d), k.reshape(b * n, t, d).transpose(1, 2),
+                           alpha=1.0 / math.sqrt(d))
     # torch's softmax kernels accumulate bf16/fp16 in fp32 and round once on output: the same bits as an fp32
     # softmax followed by a cast, without the fp32 [b*n, s, s] temporary and the two casts. The dtype is
     # explicit because CUDA autocast runs a softmax without one in fp32 (CPU autocast does not): an fp32
@@ -106,7 +124,7 @@ def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
     probs = scores.softmax(-1, dtype=scores.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    return torch.bmm(probs, v.reshape(b * n, s, d)).view(b, n, s, d)
+    return torch.bmm(probs, v.reshape(b * n, t, d)).view(b, n, s, d)
 
 
 class MLP(nn.Module):
@@ -149,7 +167,12 @@ class GPT(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         h = cfg.hidden_size
         self.wte = VocabParallelEmbedding(self.padded_vocab_size, h, state, device=device, dtype=dtype)
-        self.wpe = _replicated(nn.Embedding(cfg.max_position_embeddings, h, device=device, dtype=dtype))
+        # Learned positions (GPT-2), or none: ALiBi in the attention (BLOOM, model.position_embedding=alibi).
+        self.wpe = _replicated(nn.Embedding(cfg.max_position_embeddings, h, device=device, dtype=dtype)) \
+            if getattr(cfg, "position_embedding", "learned") == "learned" else None
+        # BLOOM's layer norm on the word embeddings (model.embedding_layernorm).
+        self.ln_emb = _replicated(nn.LayerNorm(h, eps=cfg.layernorm_eps, device=device, dtype=dtype)) \
+            if getattr(cfg, "embedding_layernorm", False) else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, state, device, dtype) for _ in range(cfg.num_layers))
         self.ln_f = _replicated(nn.LayerNorm(h, eps=cfg.layernorm_eps, device=device, dtype=dtype))
@@ -165,7 +188,7 @@ class GPT(nn.Module):
                 continue
             if name.endswith("bias"):
                 p.zero_()
-            elif ".ln" in name or name.startswith("ln_f"):
+            elif ".ln" in name or name.startswith(("ln_f", "ln_emb")):
                 p.fill_(1.0)
             elif name == "wte.weight":
                 init_sharded_(p, name, seed, std, r, t, full_rows=self.vocab_size)
@@ -179,9 +202,13 @@ class GPT(nn.Module):
         given targets, the per-token loss [b, s] from the fused vocab-parallel cross-entropy.
 
         `kv_cache` (generation): `ids` are the positions after the cached ones, and their keys/values join it."""
-        start = kv_cache.length if kv_cache is not None else 0
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
-        x = self.drop(self.wte(ids) + self.wpe(positions))
+        x = self.wte(ids)
+        if self.wpe is not None:
+            start = kv_cache.length if kv_cache is not None else 0
+            x = x + self.wpe(torch.arange(start, start + ids.shape[1], device=ids.device))
+        if self.ln_emb is not None:
+            x = self.ln_emb(x)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if kv_cache is not None:
                 x = block(x, kv_cache.layers[i])
@@ -201,4 +228,6 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Whole-model count (all tensor ranks together), padded vocabulary included."""
         c = self.cfg
-        return num_parameters(c.num_layers, c.hidden_size, self.padded_vocab_size, c.max_position_embeddings)
+        positions = c.max_position_embeddings if self.wpe is not None else 0
+        extra = 2 * c.hidden_size if self.ln_emb is not None else 0  # the embedding layer norm
+        return num_parameters(c.num_layers, c.hidden_size, self.padded_vocab_size, positions) + extra
