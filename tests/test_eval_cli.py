@@ -80,16 +80,26 @@ def test_evaluate_lambada_and_generate(setup):
     assert r.stdout.startswith("Return the" + row["completion"])
 
 
-def test_bad_input_exits_2_with_one_line(setup):
+def test_bad_input_exits_2_with_one_line(setup, capsys):
     root, ckpt = setup
     (root / "latin1.raw").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    r = _run("mtlm.evaluate", root, "task=wikitext", "data.path=latin1.raw", f"checkpoint.dir={ckpt}", "logger=none")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("data error: data.path: ") and "is not UTF-8" in r.stderr
+    # the same path (prepare_job raising, run() printing one line and exiting 2) for a prompt too long, in-process
+    from hydra import compose, initialize_config_dir
+
+    from mtlm.eval.config import register_eval_configs
+    from mtlm.generate import run
+    from tests.compose import CONF
+
     (root / "long.txt").write_text("word " * 80 + "\n", encoding="utf-8")
-    cases = [
-        (("mtlm.evaluate", "task=wikitext", "data.path=latin1.raw"), "data error: data.path: ", "is not UTF-8"),
-        (("mtlm.generate", "prompts_file=long.txt"), "config error: prompts_file: ", "longer than the model's"),
-    ]
-    for (module, *args), start, middle in cases:
-        r = _run(module, root, *args, f"checkpoint.dir={ckpt}", "logger=none" if "evaluate" in module else
-                 "generate.max_new_tokens=1")
-        assert r.returncode == 2, r.stderr
-        assert r.stderr.count("\n") == 1 and r.stderr.startswith(start) and middle in r.stderr, r.stderr
+    register_eval_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF, job_name="test"):
+        cfg = compose(config_name="generate", overrides=[f"checkpoint.dir={ckpt}", f"prompts_file={root / 'long.txt'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg, None)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("config error: prompts_file: the prompt (line 1) is ") \
+        and "longer than the model's context" in err, err
