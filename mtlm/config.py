@@ -19,6 +19,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from mtlm.plan.schema import ClusterConfig, PlanConfig
+
 
 class ConfigError(ValueError):
     """A bad config value. `str(err)` is the one line shown to the user."""
@@ -77,11 +79,17 @@ class OptimizerConfig:
     _partial_: bool = True
     lr: float = 1e-3
     weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    # One fused kernel for the whole update (CPU and CUDA, torch >= 2.4) instead of a Python loop over
+    # Each optimizer's own keys: conf/optimizer/<name>.yaml sets those its class takes; null ones are not
+    # passed (the class's default), and a set key the class does not take is an error (mtlm/train/optim.py).
+    betas: list[float] | None = None  # adamw
+    eps: float | None = None  # adamw
+    # adamw: one fused kernel for the whole update (CPU and CUDA, torch >= 2.4) instead of a Python loop over
     # parameters. None: torch's own default (the loop on CPU, foreach on CUDA).
     fused: bool | None = None
+    momentum: float | None = None  # sgd
+    nesterov: bool | None = None  # sgd
+    beta2_decay: float | None = None  # adafactor: the second moment's decay exponent
+    d: float | None = None  # adafactor: the update-clipping threshold
 
 
 @dataclass
@@ -189,6 +197,9 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # python -m mtlm.plan only (conf/plan.yaml selects them; null under train.py): mtlm/plan/schema.py.
+    cluster: ClusterConfig | None = None
+    plan: PlanConfig | None = None
 
 
 def register_configs() -> None:
@@ -282,8 +293,11 @@ def _validate_optim(cfg: Any) -> None:
         raise ConfigError("optimizer.lr", f"must be > 0, got {o.lr}")
     if o.weight_decay < 0:
         raise ConfigError("optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+    if o.betas is not None and (len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas)):
         raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    from mtlm.train.optim import check_optimizer_config
+
+    check_optimizer_config(o)
     if s.decay not in ("cosine", "linear", "constant"):
         raise ConfigError("scheduler.decay", f"must be cosine, linear or constant, got {s.decay!r}")
     if s.warmup_steps < 0:

@@ -42,6 +42,7 @@ CSV_FIELDS: tuple[tuple[str, str], ...] = (
 class Job:
     name: str  # the job's subdir in the sweep ("0", "1", ...) or the path of an outside baseline
     summary: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None  # <job>/plan/plan.json from python -m mtlm.plan (mtlm/plan/compare.py)
 
     @property
     def ok(self) -> bool:
@@ -73,8 +74,16 @@ def load_jobs(sweep_dir: str | Path) -> list[Job]:
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no sweep dir {root}")
-    dirs = [d for d in root.iterdir() if d.is_dir() and ((d / "summary.json").exists() or (d / ".hydra").is_dir())]
-    return [Job(d.name, read_summary(d)) for d in sorted(dirs, key=_job_order)]
+    from mtlm.plan.compare import PLAN_FILE, predicted_summary, read_plan
+
+    dirs = [d for d in root.iterdir() if d.is_dir() and ((d / "summary.json").exists() or (d / ".hydra").is_dir()
+                                                         or (d / PLAN_FILE).is_file())]
+    jobs = []
+    for d in sorted(dirs, key=_job_order):
+        plan = read_plan(d)  # a job of plans only reads as predicted; with a summary.json, as measured + predicted
+        measured = (d / "summary.json").exists() or (d / ".hydra").is_dir() or plan is None
+        jobs.append(Job(d.name, read_summary(d) if measured else predicted_summary(plan), plan))
+    return jobs
 
 
 def pick_baseline(jobs: list[Job], baseline: str | None = None, sweep_dir: str | Path | None = None) -> tuple[Job, str]:
@@ -97,6 +106,10 @@ def pick_baseline(jobs: list[Job], baseline: str | None = None, sweep_dir: str |
     single = [j for j in ok if j.devices == 1]
     if single:
         return single[0], f"the sweep's 1-device job ({_describe(single[0])})"
+    from mtlm.plan.compare import all_predicted, calibration_baseline
+
+    if all_predicted(jobs) and (cal := calibration_baseline(jobs)) is not None:
+        return Job("calibration", cal), f"the cluster's calibration point ({cal['source']})"
     smallest = min(ok, key=lambda j: j.devices)
     return smallest, (f"no 1-device job in this sweep, so the smallest job ({_describe(smallest)}); pass a 1-device "
                       f"run with --baseline for the paper's definition")
@@ -131,12 +144,12 @@ def failed_jobs(jobs: list[Job]) -> list[Job]:
     return [j for j in jobs if not j.ok]
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], path: Path, fields: tuple[tuple[str, str], ...] = CSV_FIELDS) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow([column for column, _ in CSV_FIELDS])
+        writer.writerow([column for column, _ in fields])
         for row in rows:  # str(float) round-trips exactly, so the CSV reads back equal to summary.json
-            writer.writerow(["" if row[key] is None else row[key] for _, key in CSV_FIELDS])
+            writer.writerow(["" if row.get(key) is None else row[key] for _, key in fields])
 
 
 def _count(n: int | None) -> str:
@@ -179,8 +192,10 @@ def markdown_table(rows: list[dict[str, Any]], failed: list[Job], baseline_note:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str, baseline_tflops_per_device: float) -> None:
-    """Efficiency and aggregate PFLOP/s against devices, with the ideal (the baseline's rate on every device)."""
+def plot(rows: list[dict[str, Any]], path: Path, title: str, baseline_tflops_per_device: float,
+         label: str = "measured") -> None:
+    """Efficiency and aggregate PFLOP/s against devices, with the ideal (the baseline's rate on every device),
+    and the predicted line when the rows carry plans (mtlm/plan/compare.py)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; safe inside a Hydra job or CI
@@ -188,11 +203,18 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, baseline_tflops_per
 
     devices = [r["devices"] for r in rows]
     fig, (eff_ax, pf_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    eff_ax.plot(devices, [100 * r["scaling_efficiency"] for r in rows], "o-", label="measured")
+    eff_ax.plot(devices, [100 * r["scaling_efficiency"] for r in rows], "o-", label=label)
+    predicted = [r for r in rows if "predicted_scaling_efficiency" in r]
+    if predicted:
+        eff_ax.plot([r["devices"] for r in predicted], [100 * r["predicted_scaling_efficiency"] for r in predicted],
+                    "s:", label="predicted")
+        pf_ax_rows = [(r["devices"], r["predicted_tflops_per_device"] * r["devices"] / 1e3) for r in predicted]
     eff_ax.axhline(100, color="gray", ls="--", label="ideal")
     top = max([110.0] + [110 * r["scaling_efficiency"] for r in rows])  # noise can put a job above 100%
     eff_ax.set(xlabel="devices", ylabel="weak-scaling efficiency (%)", ylim=(0, top))
-    pf_ax.plot(devices, [r["pflops"] for r in rows], "o-", label="measured")
+    pf_ax.plot(devices, [r["pflops"] for r in rows], "o-", label=label)
+    if predicted:
+        pf_ax.plot(*zip(*pf_ax_rows, strict=True), "s:", label="predicted")
     pf_ax.plot(devices, [baseline_tflops_per_device * d / 1e3 for d in devices], "--", color="gray", label="ideal")
     pf_ax.set(xlabel="devices", ylabel="aggregate PFLOP/s")
     for ax in (eff_ax, pf_ax):
@@ -262,11 +284,15 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, use_wandb: 
     rows = scaling_rows(jobs, base)
     failed = failed_jobs(jobs)
     title = sweep_group_name(root)
-    write_csv(rows, root / "scaling.csv")
-    markdown = markdown_table(rows, failed, note, title)
+    from mtlm.plan.compare import PREDICTED_FIELDS, add_predictions, markdown_extra, title_note
+
+    both = add_predictions(rows, jobs, base.summary["tflops_per_device"])  # plans next to measured jobs
+    shown = title + (f" ({label})" if (label := title_note(jobs)) else "")  # a sweep of plans only says so
+    write_csv(rows, root / "scaling.csv", CSV_FIELDS + (PREDICTED_FIELDS if both else ()))
+    markdown = markdown_table(rows, failed, note, shown) + ("\n".join(markdown_extra(rows)[1:]) + "\n" if both else "")
     (root / "scaling.md").write_text(markdown, encoding="utf-8")
     if rows:
-        plot(rows, root / "scaling.png", title, base.summary["tflops_per_device"])
+        plot(rows, root / "scaling.png", shown, base.summary["tflops_per_device"], "predicted" if label else "measured")
     if use_wandb and rows:
         groups = {j.summary.get("wandb_group") for j in jobs if j.ok} - {None}
         log_to_wandb(rows, root, group or (groups.pop() if len(groups) == 1 else title), note, project, mode)

@@ -3,6 +3,7 @@ ranks (again, after a rank dies, when trainer.max_restarts allows), train on eac
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -45,6 +46,10 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
         kind = {ConfigError: "config", DataError: "data"}.get(type(err), "checkpoint")
         print(f"{kind} error: {err}", file=sys.stderr)
         sys.exit(2)
+    from mtlm.plan.planner import precision_warning
+
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0" and (line := precision_warning(cfg)):
+        print(line, file=sys.stderr, flush=True)  # e.g. bf16 on a CPU without native bf16 (issue 11)
     cfg_dict: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # picklable for spawned ranks
     cfg_dict["checkpoint"]["resume"] = resume  # resolved once here, so every rank and restart agrees
     try:

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from mtlm.parallel import random as rng
 from mtlm.parallel.state import ParallelState
+from mtlm.train.optim_state import read_state, state_slice
 from mtlm.train.reshard import (
     FORMAT,
     METADATA,
@@ -49,7 +50,6 @@ from mtlm.train.reshard import (
     CheckpointError,
     RankShard,
     ShardReader,
-    Slice,
     check_shard_headers,
     commit,
     find_checkpoint,
@@ -156,7 +156,7 @@ def _rank_shard(state: ParallelState, model: torch.nn.Module, optimizer: torch.o
         for key, value in (local.state.get(p, {}) if write_optim else {}).items():
             if not torch.is_tensor(value):
                 continue
-            value_sl = sl if value.shape == p.shape else Slice(tuple(value.shape))
+            value_sl = state_slice(tuple(value.shape), tuple(p.shape), sl, state.tp_rank, state.tensor)
             if value_sl.dim is not None or state.tp_rank == 0:
                 shard.add(f"optim.{name}.{key}", value, value_sl)
     _rng_into(shard, state.device)
@@ -264,9 +264,7 @@ def _restore_optimizer(reader: ShardReader, meta: dict, state: ParallelState, mo
                          model.vocab_size)
         st = {}
         for key in reader.state_keys(name):
-            entry = reader.entry(f"optim.{name}.{key}")
-            value = reader.read(f"optim.{name}.{key}", sl if entry["partition_dim"] is not None else
-                                Slice(tuple(entry["shape"])))
+            value = read_state(reader, f"optim.{name}.{key}", sl, state.tp_rank, state.tensor)
             # As torch's own load_state_dict: Adam's step count stays on the CPU unless capturable / fused.
             on_device = key != "step" or flags[id(p)].get("capturable") or flags[id(p)].get("fused")
             st[key] = value.to(p.device) if on_device else value

@@ -31,7 +31,7 @@ from mtlm.parallel.state import ParallelState
 from mtlm.train import checkpoint as ckpt
 from mtlm.train.faults import maybe_fail
 from mtlm.train.objective import objective_for
-from mtlm.train.optim import build_optimizer, clip_grad_norm_
+from mtlm.train.optim import build_optimizer, clip_grad_norm_, optimizer_factory
 from mtlm.train.precision import build_precision
 
 # The model has no buffers, so DDP has none to keep in step. torch >= 2.13 names that `forward_sync_buffers`
@@ -81,7 +81,7 @@ class Trainer:
                 device_ids=[state.device] if state.device.type == "cuda" else None)
         self.forward = self.ddp if self.ddp is not None else self.model
         # trainer.shard_optimizer: ZeRO stage 1, Adam state split over the data ranks (a no-op at data=1).
-        self.optimizer = build_optimizer(self.model, instantiate(cfg.optimizer, _convert_="all"),
+        self.optimizer = build_optimizer(self.model, optimizer_factory(cfg.optimizer),
                                          cfg.optimizer.weight_decay,
                                          shard_group=state.dp_group if t.shard_optimizer else None)
         self.scheduler = instantiate(cfg.scheduler)(optimizer=self.optimizer, max_steps=t.max_steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,44 @@ def build_optimizer(model: nn.Module, factory: Callable[..., torch.optim.Optimiz
     # Parameters are partitioned greedily by size (largest first, to the least-loaded rank), across groups.
     return ZeroRedundancyOptimizer(groups, optimizer_class=factory.func, process_group=shard_group,
                                    **factory.keywords)
+
+
+# The optimizers conf/optimizer/ offers, and the keys of OptimizerConfig each one takes.
+OPTIMIZER_KEYS = {"torch.optim.AdamW": ("betas", "eps", "fused"), "torch.optim.SGD": ("momentum", "nesterov"),
+                  "torch.optim.Adafactor": ("beta2_decay", "d")}
+SPECIFIC_KEYS = {k for keys in OPTIMIZER_KEYS.values() for k in keys}
+
+
+def optimizer_kwargs(cfg: Any) -> dict[str, Any]:
+    """The optimizer node as instantiate() arguments, its null keys left out (each class's own default)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    return {k: v for k, v in node.items() if v is not None}
+
+
+def optimizer_factory(cfg: Any) -> Callable[..., torch.optim.Optimizer]:
+    """`cfg.optimizer` as a functools.partial of its class (lr, weight decay and the class's own keys)."""
+    from hydra.utils import instantiate
+
+    return instantiate(optimizer_kwargs(cfg), _convert_="all")
+
+
+def check_optimizer_config(o: Any) -> None:
+    """optimizer.* keys another optimizer takes, set for this one (a silently ignored setting otherwise)."""
+    from mtlm.config import ConfigError
+
+    takes = OPTIMIZER_KEYS.get(o._target_)
+    if takes is None:
+        return  # another class named by the user: instantiate() reports what it does not take
+    for key in sorted(SPECIFIC_KEYS - set(takes)):
+        if o.get(key) is not None:
+            raise ConfigError(f"optimizer.{key}", f"{o._target_} does not take it (it takes {', '.join(takes)}); "
+                              f"remove it or pick another optimizer (conf/optimizer/)")
+    if o.get("momentum") is not None and o.momentum < 0:
+        raise ConfigError("optimizer.momentum", f"must be >= 0, got {o.momentum}")
+    if o.get("nesterov") and not o.get("momentum"):
+        raise ConfigError("optimizer.nesterov", "needs optimizer.momentum > 0")
 
 
 @torch.no_grad()

@@ -1,0 +1,211 @@
+"""A config and a cluster in, the plan out: sizing (sizing.py) and the step time (perf.py) per device.
+
+`make_plan(cfg)` returns the dict written to plan.json. Every number is a prediction except what the cluster
+file or the probe states; the calibration point is the only measured throughput it uses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mtlm.config import ConfigError
+from mtlm.metrics import flops
+from mtlm.plan import perf, sizing
+from mtlm.train.objective import objective_for
+
+GB = 2**30  # GiB, as GPU memory sizes are quoted
+# train.py warns when the chosen precision's GEMM rate is below this share of fp32's on a CPU.
+SLOW_PRECISION_RATIO = 0.5
+
+
+def plan_vocab_size(cfg: Any) -> int:
+    """The vocabulary train.py would use: model.vocab_size, else the tokenizer's: data.vocab_size for the BPE
+    model mtlm trains (exactly that many pieces), else the tokenizer train.py would load (built as it does)."""
+    if cfg.model.vocab_size:
+        return int(cfg.model.vocab_size)
+    tok = cfg.data.tokenizer
+    if tok is None or (not isinstance(tok, str) and tok.get("type") == "sentencepiece" and tok.get("model") is None):
+        return int(cfg.data.vocab_size)
+    from mtlm.data import build_data
+
+    return int(build_data(cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size)
+
+
+def resolve_cluster(cfg: Any) -> dict[str, Any]:
+    """The cluster's numbers with every null filled in by this machine's probe (cpu_local), and each one's
+    source ("config" or "probe")."""
+    from mtlm.plan import probe
+
+    c = cfg.cluster
+    out: dict[str, Any] = {"name": c.name, "device": c.device, "nodes": c.nodes, "sources": {}}
+
+    def take(key: str, value: Any, probed: Any) -> Any:
+        if value is not None:
+            out["sources"][key] = "config"
+            return value
+        out["sources"][key] = "probe"
+        return probed()
+
+    out["devices_per_node"] = take("devices_per_node", c.devices_per_node, probe.cores)
+    out["device_memory_gb"] = take("device_memory_gb", c.device_memory_gb, probe.ram_gb)
+    out["peak_tflops"] = {dt: take(f"peak_tflops.{dt}", c.peak_tflops.get(dt),
+                                   lambda dt=dt: probe.gemm_tflops_per_core(dt)) for dt in ("fp32", "bf16", "fp16")}
+    if c.intra_node_bw_gbps is None or c.intra_node_step_latency_us is None:
+        gloo = probe.gloo_allreduce()
+    out["intra_node_bw_gbps"] = take("intra_node_bw_gbps", c.intra_node_bw_gbps, lambda: gloo["bw_gbps"])
+    out["intra_node_step_latency_us"] = take("intra_node_step_latency_us", c.intra_node_step_latency_us,
+                                             lambda: gloo["step_latency_us"])
+    for key in ("inter_node_bw_gbps", "inter_node_step_latency_us", "collective_base_latency_us"):
+        out[key] = c[key]
+    out["devices"] = out["devices_per_node"] * c.nodes
+    return out
+
+
+def calibration_eta(cfg: Any, cluster: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """eta, the achievable fraction of peak, from the cluster's one calibration point (a GPT run)."""
+    from mtlm.plan import probe
+
+    cal = cfg.cluster.calibration
+    rate, source = cal.tflops_per_device, cal.source
+    if rate is None:
+        measured = probe.calibration(cal, bool(cfg.plan.calibrate), cfg.plan.calibration_steps)
+        if measured is None:
+            raise ConfigError("plan.calibrate", f"cluster {cfg.cluster.name} has no calibration point yet: run "
+                              "`python -m mtlm.plan plan.calibrate=true` once (a short train.py run, then cached)")
+        rate, source = measured["tflops_per_device"], f"measured here: {measured['command']}"
+    model = flops.model_flops_per_iteration(cal.batch, cal.seq_length, cal.num_layers, cal.hidden_size,
+                                            cal.vocab_size)
+    hardware = flops.hardware_flops_per_iteration(cal.batch, cal.seq_length, cal.num_layers, cal.hidden_size,
+                                                  cal.vocab_size, cal.recompute)
+    peak = cluster["peak_tflops"][cal.precision] * (cal.threads if cluster["device"] == "cpu" else 1)
+    eta = perf.achievable_fraction(rate, model, hardware, peak)
+    return eta, {"tflops_per_device": rate, "source": source, "eta": eta, "precision": cal.precision}
+
+
+def check_layout(cfg: Any, cluster: dict[str, Any]) -> None:
+    p = cfg.parallel
+    need = p.tensor * p.data
+    if need > cluster["devices"]:
+        raise ConfigError("parallel.data", f"tensor x data = {p.tensor} x {p.data} = {need} devices, but cluster "
+                          f"{cluster['name']} has {cluster['devices']} ({cluster['nodes']} node(s) x "
+                          f"{cluster['devices_per_node']})")
+
+
+def threads_per_device(cfg: Any, cluster: dict[str, Any]) -> int:
+    """CPU: a device is one rank; its threads as train.py gives them (mtlm/parallel/launch.py)."""
+    if cluster["device"] != "cpu":
+        return 1
+    ranks_here = min(cfg.parallel.tensor * cfg.parallel.data, cluster["devices_per_node"])
+    return cfg.trainer.num_threads or max(1, cluster["devices_per_node"] // ranks_here)
+
+
+def make_plan(cfg: Any) -> dict[str, Any]:
+    m, p, t = cfg.model, cfg.parallel, cfg.trainer
+    cluster = resolve_cluster(cfg)
+    check_layout(cfg, cluster)
+    dtype, recompute = cfg.precision.dtype, bool(t.activation_checkpointing)
+    vocab = plan_vocab_size(cfg)
+    rank = sizing.size_rank(m, vocab, p.tensor)
+    gpt = objective_for(m).__class__.__name__ == "CausalLM"  # the analytic count is GPT-2's
+    analytic = sizing.analytic_params_per_rank(m, rank.padded_vocab_size, p.tensor) if gpt else None
+    mem = sizing.memory_per_device(m, rank, cfg.optimizer, t.micro_batch_size, p.tensor, p.data, dtype, recompute,
+                                   t.shard_optimizer)
+    total_gb = sum(mem.values()) / GB
+    capacity = cluster["device_memory_gb"]
+
+    # Compute: the executed FLOPs of one step, per device, at eta x peak.
+    eta, cal = calibration_eta(cfg, cluster)
+    threads = threads_per_device(cfg, cluster)
+    peak = cluster["peak_tflops"][dtype] * threads
+    model_flops, hw_flops = objective_for(m).flops(m, t.global_batch_size, rank.padded_vocab_size, recompute)
+    devices = p.tensor * p.data
+    compute_s = perf.compute_time(hw_flops / devices, peak, eta)
+
+    # Tensor-parallel all-reduces: micro-batches per step x one micro-batch's collectives, inside a node.
+    micro_steps = t.global_batch_size // (t.micro_batch_size * p.data)
+    colls = perf.tensor_parallel_collectives(m.num_layers, t.micro_batch_size, m.seq_length, m.hidden_size,
+                                             sizing.compute_bytes(dtype), recompute)
+    intra = (cluster["intra_node_bw_gbps"], cluster["intra_node_step_latency_us"],
+             cluster["collective_base_latency_us"])
+    if p.tensor > cluster["devices_per_node"]:  # the paper keeps a tensor group inside one server (Fig. 8)
+        intra = (cluster["inter_node_bw_gbps"] / cluster["devices_per_node"], cluster["inter_node_step_latency_us"],
+                 cluster["collective_base_latency_us"])
+    tp_s = micro_steps * perf.collectives_time(colls, p.tensor, *intra)
+    tp_bwd_s = perf.collectives_time(colls, p.tensor, *intra, phases=("recompute", "backward"))
+
+    # Data-parallel: the fp32 gradients of this rank, overlapped with the last micro-batch's backward.
+    grad_bytes = mem["grads"]
+    spans_nodes = devices > cluster["devices_per_node"]
+    if spans_nodes:  # every device of a node all-reduces at once: they share the node's network
+        dp_link = (cluster["inter_node_bw_gbps"] / cluster["devices_per_node"], cluster["inter_node_step_latency_us"],
+                   cluster["collective_base_latency_us"])
+    else:
+        dp_link = intra
+    dp_s = perf.ring_allreduce_time(grad_bytes, p.data, *dp_link)
+    backward_s = compute_s / micro_steps * perf.backward_fraction(model_flops, hw_flops) + tp_bwd_s
+    bucket = cfg.plan.ddp_bucket_mb * 1024 * 1024
+    dp_exposed_s = perf.exposed_data_parallel_time(grad_bytes, bucket, dp_s, backward_s)
+
+    step_s = compute_s + tp_s + dp_exposed_s
+    tflops = flops.tflops_per_device(model_flops, step_s, devices)
+    tokens = t.global_batch_size * m.seq_length
+    plan = {
+        "cluster": cluster["name"], "device": cluster["device"], "model": m.name,
+        "family": objective_for(m).__class__.__name__,
+        "tensor": p.tensor, "data": p.data, "devices": devices, "precision": dtype, "recompute": recompute,
+        "optimizer": m_target(cfg.optimizer), "shard_optimizer": bool(t.shard_optimizer),
+        "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
+        "seq_length": m.seq_length, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads, "threads_per_device": threads,
+        "vocab_size": vocab, "padded_vocab_size": rank.padded_vocab_size,
+        "params_total": rank.params_total, "params_per_rank": rank.params_per_rank,
+        "params_per_rank_analytic": analytic,
+        "memory_per_device_gb": total_gb, "memory_parts_gb": {k: v / GB for k, v in mem.items()},
+        "device_memory_gb": capacity, "fits": total_gb <= capacity,
+        "memory_margin_gb": capacity - total_gb,
+        "step_time_s": step_s,
+        "step_time_parts_s": {"compute": compute_s, "tensor_parallel": tp_s, "data_parallel_exposed": dp_exposed_s},
+        "data_parallel_allreduce_s": dp_s, "backward_s": backward_s,
+        "tensor_parallel_bytes_per_step": micro_steps * perf.collectives_bytes(colls, p.tensor),
+        "tensor_parallel_allreduces_per_step": micro_steps * sum(c.count for c in colls) if p.tensor > 1 else 0,
+        "data_parallel_bytes_per_step": perf.ring_allreduce_bytes_per_device(grad_bytes, p.data),
+        "model_flops_per_step": model_flops, "hardware_flops_per_step": hw_flops,
+        "tflops_per_device": tflops, "pflops": flops.aggregate_pflops(model_flops, step_s),
+        "tokens_per_s": tokens / step_s, "peak_tflops_per_device": peak, "mfu": flops.mfu(tflops, peak),
+        "eta": eta, "calibration": cal,
+        "efficiency_vs_calibration": tflops / cal["tflops_per_device"],
+        "gemm_tflops_per_core": cluster["peak_tflops"] if cluster["device"] == "cpu" else None,
+        "cluster_numbers": {k: v for k, v in cluster.items() if k != "name"},
+    }
+    if not math.isfinite(step_s):
+        raise ValueError(f"the model gave a step time of {step_s}")
+    return plan
+
+
+def m_target(opt: Any) -> str:
+    return str(opt._target_)
+
+
+def slow_precision_line(dtype: str, rates: dict[str, float]) -> str | None:
+    """The warning train.py prints when `dtype`'s GEMM rate is far below fp32's on this CPU, or None."""
+    if dtype == "fp32" or rates.get(dtype) is None or rates.get("fp32") is None:
+        return None
+    if rates[dtype] >= SLOW_PRECISION_RATIO * rates["fp32"]:
+        return None
+    return (f"warning: precision={dtype} runs {rates[dtype] * 1e3:.3g} GFLOP/s per core in a GEMM on this CPU "
+            f"against {rates['fp32'] * 1e3:.3g} for fp32 (no native {dtype}): expect a much slower step; "
+            f"precision=fp32 is faster here")
+
+
+def precision_warning(cfg: Any) -> str | None:
+    """train.py's one line before training when cfg's precision runs far below fp32 on this CPU (probed GEMM
+    rates, cached): an AVX2-only CPU runs a bf16 GEMM ~100x slower than fp32, which looks like a hang."""
+    import torch
+
+    dtype = cfg.precision.dtype
+    if dtype == "fp32" or (cfg.trainer.device != "cpu" and torch.cuda.is_available()):
+        return None
+    from mtlm.plan.probe import gemm_tflops_per_core
+
+    return slow_precision_line(dtype, {"fp32": gemm_tflops_per_core("fp32"), dtype: gemm_tflops_per_core(dtype)})

@@ -1,0 +1,115 @@
+"""Exact sizing: one tensor rank of the real model built on the meta device, and the bytes each device holds.
+
+The meta device gives every tensor its shape and dtype without allocating memory, so the 8.3B model's rank
+is "built" in a fraction of a second; its parameter count is what train.py's rank holds, whatever the model
+family (GPT, BERT), and is cross-checked against the analytic count of mtlm/metrics/memory.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtlm.metrics import memory
+from mtlm.parallel.state import ParallelState
+
+
+def meta_rank_model(model_cfg: Any, vocab_size: int, tensor: int, recompute: bool = False) -> nn.Module:
+    """Tensor rank 0 of `tensor` (rank 0 holds the largest vocabulary slice: padding sits at the end)."""
+    from mtlm.model.build import build_model
+
+    state = ParallelState(rank=0, world_size=tensor, tensor=tensor, data=1, device=torch.device("meta"))
+    return build_model(model_cfg, vocab_size, state, device=torch.device("meta"),
+                       activation_checkpointing=recompute)
+
+
+@dataclass
+class RankSizing:
+    params_per_rank: int
+    params_total: int  # all tensor ranks together, replicated tensors once (padded vocabulary included)
+    padded_vocab_size: int
+    param_shapes: list[tuple[int, ...]]
+
+
+def size_rank(model_cfg: Any, vocab_size: int, tensor: int) -> RankSizing:
+    model = meta_rank_model(model_cfg, vocab_size, tensor)
+    params = list(model.parameters())
+    per_rank = sum(p.numel() for p in params)
+    total = sum(p.numel() * (tensor if getattr(p, "partition_dim", None) is not None else 1) for p in params)
+    return RankSizing(per_rank, total, model.padded_vocab_size, [tuple(p.shape) for p in params])
+
+
+def analytic_params_per_rank(model_cfg: Any, padded_vocab: int, tensor: int) -> int:
+    """GPT-2's count from mtlm/metrics/memory.py (§3's split), to cross-check the meta-device count."""
+    return memory.parameters_per_device(model_cfg.num_layers, model_cfg.hidden_size, padded_vocab,
+                                        model_cfg.max_position_embeddings, tensor)
+
+
+# ---- optimizer state ------------------------------------------------------------------------------------
+
+# fp32 state values, as mtlm keeps them (the master weights are fp32 in every precision).
+STATE_BYTES = 4
+
+
+def optimizer_kind(target: str) -> str:
+    name = target.rsplit(".", 1)[-1].lower()
+    if name in ("adam", "adamw"):
+        return "adam"
+    if name in ("sgd", "adafactor"):
+        return name
+    raise ValueError(f"the planner does not know the state of optimizer {target!r}")
+
+
+def optimizer_state_bytes(kind: str, shapes: list[tuple[int, ...]], momentum: float = 0.0) -> int:
+    """Bytes of optimizer state for parameters of these shapes (one rank, before ZeRO sharding).
+
+    Adam: exp_avg and exp_avg_sq (8 bytes per parameter) and a 4-byte step count per tensor. SGD: one momentum
+    buffer (4 bytes per parameter) when momentum > 0, else nothing. Adafactor (torch.optim.Adafactor): for a
+    matrix [.., m, n] the factored second moment, a row vector of m and a column vector of n values (Shazeer &
+    Stern 2018), for a vector its full second moment; plus a step count per tensor. No first moment.
+    """
+    total = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        if kind == "adam":
+            total += 2 * STATE_BYTES * n + STATE_BYTES
+        elif kind == "sgd":
+            total += STATE_BYTES * n if momentum > 0 else 0
+        elif kind == "adafactor":
+            if len(shape) >= 2:
+                lead = math.prod(shape[:-2])
+                total += STATE_BYTES * lead * (shape[-2] + shape[-1])
+            else:
+                total += STATE_BYTES * n
+            total += STATE_BYTES
+        else:
+            raise ValueError(f"unknown optimizer kind {kind!r}")
+    return total
+
+
+def compute_bytes(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def memory_per_device(model_cfg: Any, sizing: RankSizing, optimizer_cfg: Any, micro_batch: int, tensor: int,
+                      data: int, dtype: str, recompute: bool, shard_optimizer: bool) -> dict[str, int]:
+    """Bytes per device, in the four parts train.py's summary.json reports (memory_*_bytes).
+
+    Parameters and gradients are fp32 (mtlm keeps the master weights in the model; autocast makes the
+    fp16/bf16 copies on the fly); the optimizer state is counted per optimizer from the rank's real shapes
+    and divided over the data ranks under ZeRO-1; activations are Korthikanti et al.'s per-layer count plus
+    the ends (mtlm/metrics/memory.py), at the compute dtype's width, for one micro-batch.
+    """
+    kind = optimizer_kind(optimizer_cfg._target_)
+    state = optimizer_state_bytes(kind, sizing.param_shapes, float(getattr(optimizer_cfg, "momentum", 0) or 0))
+    if shard_optimizer and data > 1:
+        state = math.ceil(state / data)
+    acts = memory.activation_bytes(model_cfg.num_layers, model_cfg.seq_length, micro_batch, model_cfg.hidden_size,
+                                   model_cfg.num_attention_heads, sizing.padded_vocab_size, tensor,
+                                   compute_bytes(dtype), model_cfg.dropout > 0, recompute)
+    return {"params": STATE_BYTES * sizing.params_per_rank, "grads": STATE_BYTES * sizing.params_per_rank,
+            "optimizer": state, "activations": acts}

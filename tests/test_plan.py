@@ -1,0 +1,165 @@
+"""python -m mtlm.plan: sizing and communication volumes pinned to hand-computed values, the paper's
+published numbers reproduced from the one calibration point (§5.1), one-line bad input, and the report made
+from plans (alone, and next to measured jobs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mtlm.config import compose_error, register_configs
+from mtlm.plan import perf, sizing
+from mtlm.plan.__main__ import validate_plan
+from mtlm.plan.planner import make_plan, slow_precision_line
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+PAPER_8_3B = ["model=gpt2_8.3b", "parallel.tensor=8", "precision=fp16", "trainer.activation_checkpointing=true",
+              "trainer.micro_batch_size=8", "model.seq_length=1024", "model.vocab_size=51200", "cluster=dgx2h_v100"]
+
+
+def plan_config(*overrides: str) -> DictConfig:
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF, job_name="test"):
+        cfg = compose(config_name="plan", overrides=["logger=none", *overrides])
+    validate_plan(cfg)
+    return cfg
+
+
+# ---- formulas, pinned by hand ----------------------------------------------------------------------------
+
+
+def test_ring_allreduce() -> None:
+    assert perf.ring_allreduce_bytes_per_device(800, 8) == 1400  # 2 x 7/8 x 800
+    assert perf.ring_allreduce_time(1e9, 1, 100, 5) == 0.0
+    # 2 x 3/4 x 1 GB at 100 GB/s = 15 ms; 6 steps x 5 us + 10 us = 40 us
+    assert perf.ring_allreduce_time(1e9, 4, 100.0, 5.0, 10.0) == pytest.approx(0.015 + 40e-6, rel=1e-12)
+
+
+def test_exposed_data_parallel_time() -> None:
+    # The link keeps up (1 s of all-reduce in a 2 s backward): only the last bucket (1/10 of it) shows.
+    assert perf.exposed_data_parallel_time(100.0, 10.0, 1.0, 2.0) == pytest.approx(0.1)
+    # It does not: 3 s of all-reduce, 2 s of backward of which 9/10 overlap -> 3 - 1.8 = 1.2 s shows.
+    assert perf.exposed_data_parallel_time(100.0, 10.0, 3.0, 2.0) == pytest.approx(1.2)
+
+
+def test_optimizer_state_bytes() -> None:
+    shapes = [(4, 3), (3,)]
+    assert sizing.optimizer_state_bytes("adam", shapes) == 8 * 15 + 4 * 2  # two moments, a step per tensor
+    assert sizing.optimizer_state_bytes("sgd", shapes, momentum=0.9) == 4 * 15
+    assert sizing.optimizer_state_bytes("sgd", shapes, momentum=0.0) == 0
+    assert sizing.optimizer_state_bytes("adafactor", shapes) == 4 * (4 + 3) + 4 + 4 * 3 + 4  # row + col; full
+
+
+def test_sizing_and_volumes_of_the_paper_8_3b() -> None:
+    """8.3B (Table 1) at tensor 8 x data 64: per layer (12h^2 + 7h)/8 + 6h = 14,176,896 parameters on a rank;
+    x 72 layers + 51,200/8 x 3,072 (vocabulary) + 1,024 x 3,072 (positions) + 2 x 3,072 (final LN)."""
+    plan = make_plan(plan_config(*PAPER_8_3B, "parallel.data=64", "trainer.global_batch_size=512"))
+    assert plan["params_per_rank"] == 1_043_549_184 == plan["params_per_rank_analytic"]
+    assert plan["params_total"] == 72 * (12 * 3072**2 + 13 * 3072) + (51_200 + 1_024) * 3_072 + 2 * 3_072
+    # One micro-batch (b·s·h = 8 x 1024 x 3072 = 25,165,824 values): 144 layer g's in fp16 forward, 144 again in
+    # the recompute, 144 layer f's in fp32 backward, the embedding's g and the output layer's f in fp32, and the
+    # loss's 3 x 8 x 1024 fp32 values: 29,192,454,144 bytes, of which a ring sends 2 x 7/8 from each device.
+    assert plan["tensor_parallel_allreduces_per_step"] == 148 + 144 + 145
+    assert plan["tensor_parallel_bytes_per_step"] == 51_086_794_752
+    # fp32 gradients of the rank (4 x 1,043,549,184 bytes) over 64 data ranks: 2 x 63/64 of them per device.
+    assert plan["data_parallel_bytes_per_step"] == 8_217_949_824
+    assert plan["memory_parts_gb"]["params"] * 2**30 == 4 * 1_043_549_184
+    assert plan["fits"] and plan["memory_per_device_gb"] < 32
+
+
+# ---- the paper's numbers from its one calibration point -----------------------------------------------------
+
+
+def test_paper_weak_scaling_reproduced() -> None:
+    base = make_plan(plan_config("+experiment=weak_scaling_tp", "cluster=dgx2h_v100"))
+    assert base["tflops_per_device"] == pytest.approx(39.0)  # the calibration point itself
+    tp8 = make_plan(plan_config("+experiment=weak_scaling_tp", "scale=paper_8.3b_t8", "cluster=dgx2h_v100"))
+    dp = make_plan(plan_config("+experiment=weak_scaling_tp_dp", "scale=paper_8.3b_t8", "cluster=dgx2h_v100"))
+    assert abs(100 * tp8["tflops_per_device"] / 39.0 - 77) <= 5  # §5.1: 77% at 8-way
+    assert abs(100 * dp["tflops_per_device"] / 39.0 - 74) <= 5  # §5.1: 74% on 512 GPUs
+    assert dp["devices"] == 512 and abs(dp["pflops"] / 15.1 - 1) <= 0.10  # §5.1: 15.1 PFLOP/s
+    assert tp8["step_time_parts_s"]["tensor_parallel"] > 0 and dp["step_time_parts_s"]["data_parallel_exposed"] > 0
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_one_line() -> None:
+    err = compose_error(CONF, ["cluster=dgx_nope"], "plan", validate_plan)
+    assert err.startswith("config error:") and "dgx2h_v100" in err and "\n" not in err
+    err = compose_error(CONF, [*PAPER_8_3B, "parallel.data=128", "trainer.global_batch_size=1024"], "plan",
+                        validate_plan)
+    assert "1024 devices" in err and "has 512" in err and "\n" not in err
+    assert compose_error(CONF, ["trainer.max_steps=0"], "plan", validate_plan) == compose_error(
+        CONF, ["trainer.max_steps=0"])  # what train.py rejects, plan rejects the same way
+
+
+def test_a_config_that_does_not_fit_says_by_how_much() -> None:
+    plan = make_plan(plan_config(*PAPER_8_3B[:1], "parallel.tensor=1", "trainer.micro_batch_size=1",
+                                 "trainer.global_batch_size=8", "cluster=dgx2h_v100", "model.vocab_size=51200"))
+    assert not plan["fits"]
+    margin = plan["memory_margin_gb"]
+    assert margin == pytest.approx(32 - plan["memory_per_device_gb"]) and margin < -90
+
+
+def test_slow_precision_line() -> None:
+    line = slow_precision_line("bf16", {"fp32": 0.12, "bf16": 0.001})
+    assert "bf16" in line and "1 GFLOP/s" in line and "120 for fp32" in line and "\n" not in line
+    assert slow_precision_line("bf16", {"fp32": 0.12, "bf16": 0.2}) is None
+    assert slow_precision_line("fp32", {"fp32": 0.12}) is None
+
+
+# ---- the CLI and the report ----------------------------------------------------------------------------------
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "mtlm.plan", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_plan_sweep_report_matches_single_plans(tmp_path: Path) -> None:
+    """The issue's command runs in seconds; a plan multirun's report rows equal the single plans; and next to
+    measured jobs the report shows both, with the error."""
+    done = _run([*PAPER_8_3B[:-2], "cluster=dgx2h_v100", "parallel.data=64", "trainer.global_batch_size=512",
+                 f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    one = json.loads((tmp_path / "one" / "plan.json").read_text())
+    assert one["params_per_rank"] == one["params_per_rank_analytic"] and one["fits"]
+    assert "PFLOP/s" in done.stdout
+
+    sweep = tmp_path / "sweep"
+    multi = _run(["-m", "+experiment=weak_scaling_tp", "scale=paper_1.2b_t1,paper_8.3b_t8", "cluster=dgx2h_v100",
+                  "logger=none", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert multi.returncode == 0, multi.stderr
+    rows = list(__import__("csv").DictReader((sweep / "scaling.csv").open()))
+    plans = [json.loads((sweep / j / "plan" / "plan.json").read_text()) for j in ("0", "1")]
+    for row, plan in zip(rows, plans, strict=True):
+        assert float(row["tflops_per_device"]) == plan["tflops_per_device"]
+        assert float(row["tokens_per_s"]) == plan["tokens_per_s"]
+    assert "PREDICTED" in (sweep / "scaling.md").read_text()
+
+    # A measured job next to its plan: job 1 "ran" at 80% of the predicted rate.
+    from mtlm.report import write_report
+
+    for job, plan in zip(("0", "1"), plans, strict=True):
+        measured = {"status": "ok", "model": plan["model"], "devices": plan["devices"], "tensor": plan["tensor"],
+                    "data": 1, "tokens_per_s": plan["tokens_per_s"] * (0.8 if job == "1" else 1.0),
+                    "tflops_per_device": plan["tflops_per_device"] * (0.8 if job == "1" else 1.0), "pflops": 0.1}
+        (sweep / job / "summary.json").write_text(json.dumps(measured))
+    report = write_report(sweep, use_wandb=False)
+    assert report.rows[1]["prediction_error"] == pytest.approx(0.25)  # predicted / measured - 1
+    assert "PREDICTED" not in report.markdown and "tokens/s predicted" in report.markdown
+    header = (sweep / "scaling.csv").read_text().splitlines()[0]
+    assert "predicted_tokens_per_s" in header and "prediction_error" in header
+    assert math.isclose(report.rows[1]["predicted_scaling_efficiency"], plans[1]["tflops_per_device"] / 39.0)
