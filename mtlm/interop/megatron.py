@@ -206,7 +206,8 @@ def _activation(args: Any) -> str:
 def model_section(first: dict[str, torch.Tensor], saved_tensor: int, args: Any, spec: dict, heads: int,
                   name: str) -> dict:
     """The mtlm model section of a Megatron checkpoint: shapes from the tensors, the rest from args (else the
-    preset, else Megatron's defaults). vocab_size is the embedding's rows; the caller cuts the padding."""
+    preset, else Megatron's defaults: tanh GeLU). vocab_size is the embedding's rows; the caller cuts the
+    padding."""
     bert = "tte.weight" in first or "lm_head.bias" in first
     positions = first["wpe.weight"].shape[0]
     dropout = getattr(args, "hidden_dropout", None) if args is not None else spec.get("dropout")
@@ -219,7 +220,8 @@ def model_section(first: dict[str, torch.Tensor], saved_tensor: int, args: Any, 
         "make_vocab_size_divisible_by": getattr(args, "make_vocab_size_divisible_by", None) or spec.get(
             "make_vocab_size_divisible_by", 128),
         "dropout": 0.1 if dropout is None else dropout, "init_std": getattr(args, "init_method_std", 0.02),
-        "layernorm_eps": getattr(args, "layernorm_epsilon", 1e-5), "activation": _activation(args),
+        "layernorm_eps": getattr(args, "layernorm_epsilon", 1e-5),
+        "activation": _activation(args) if args is not None else spec.get("activation", "gelu_tanh"),
         "layernorm_order": "pre",
     }
 
