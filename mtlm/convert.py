@@ -109,6 +109,10 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     m = model_config(meta)
     reader = ShardReader(step_dir, meta)
     names = [n.removeprefix("model.") for n in meta["tensors"] if n.startswith("model.")]
+    if model_target(m) != BERT_TARGET and (m.layernorm_order != "pre" or (
+            is_bloom_model(meta["model"]) and m.activation != "gelu_tanh")):
+        raise CheckpointError(f"{step_dir / METADATA}: model.layernorm_order={m.layernorm_order}, model.activation="
+                              f"{m.activation}: transformers' GPT-2 / BLOOM are pre-LN (BLOOM: tanh GeLU only)")
     if is_bloom_model(meta["model"]):  # BloomForCausalLM (mtlm/interop/bloom.py)
         return to_hf_bloom(step_dir, out_dir)
     if model_target(m) == BERT_TARGET:  # MegatronBertForPreTraining (mtlm/convert_bert.py)
@@ -123,7 +127,8 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
         "n_positions": m.max_position_embeddings, "n_ctx": m.max_position_embeddings, "n_embd": m.hidden_size,
         "n_layer": m.num_layers, "n_head": m.num_attention_heads, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": m.layernorm_eps,
+        "activation_function": "gelu_new" if m.activation == "gelu_tanh" else "gelu",
+        "layer_norm_epsilon": m.layernorm_eps,
         "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
         "initializer_range": m.init_std, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,

@@ -47,9 +47,6 @@ def validate_model_config(m: Any) -> None:
         raise ConfigError("model.activation", f"must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}")
     if m.layernorm_order not in LAYERNORM_ORDERS:
         raise ConfigError("model.layernorm_order", f"must be pre or post, got {m.layernorm_order!r}")
-    if cls.family == "gpt" and (m.activation, m.layernorm_order) != ("gelu_tanh", "pre"):
-        raise ConfigError("model.layernorm_order" if m.layernorm_order != "pre" else "model.activation",
-                          "GPT-2 is pre-LN with the tanh GeLU here; post-LN and exact GeLU are BERT's choices")
     validate_position_options(m, cls.family)
     if cls.family == "bert" and m.seq_length < 5:
         raise ConfigError("model.seq_length", f"BERT samples ([CLS] A [SEP] B [SEP]) need >= 5, got {m.seq_length}")

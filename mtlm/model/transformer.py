@@ -8,6 +8,9 @@ What differs between the families is an explicit choice here, not a copy of the 
   or `post` (LN(x + f(x)), the original BERT and transformer, Fig. 7a).
 - `model.activation`: `gelu` (exact, erf: BERT, as Megatron-LM's default and transformers' MegatronBert) or
   `gelu_tanh` (GPT-2's approximation).
+- `model.position_embedding=alibi` (BLOOM, mtlm/model/alibi.py): a per-head bias on the scores that also holds
+  the causal mask, instead of position embeddings.
+- `kv_cache` (generation, mtlm/model/kv_cache.py): attend over this layer's cached keys/values plus the new ones.
 
 At tensor degree t each rank holds 1/t of the attention heads and of the MLP's columns/rows; layer norms and the
 residual stream are replicated (§3: cheaper to duplicate than to communicate). A layer does 2 all-reduces
@@ -23,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlm.model.alibi import alibi_causal_bias, local_slopes
+from mtlm.model.kv_cache import LayerKV, cached_attention
 from mtlm.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_sharded_
 from mtlm.parallel.random import tensor_region_rng
 from mtlm.parallel.state import ParallelState
@@ -56,25 +61,33 @@ _CAUSAL_BIAS: dict[tuple, torch.Tensor] = {}
 
 
 def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                      is_causal: bool = True, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+                      is_causal: bool = True, attn_mask: torch.Tensor | None = None,
+                      key_padding: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v as Megatron-LM computes it: one batched GEMM writes the scaled
-    scores in the compute dtype (with the causal mask added by the GEMM itself, baddbmm's beta term), the
-    softmax accumulates in fp32, its output is in the compute dtype for the second GEMM.
+    scores in the compute dtype with the mask added by the GEMM itself (baddbmm's beta term), the softmax
+    accumulates in fp32, its output is in the compute dtype for the second GEMM.
 
-    `key_padding` [b, s] (True: a real token) masks padded keys for bidirectional attention."""
+    The mask: causal (`is_causal`), or `attn_mask` [heads, s, t], an additive bias that replaces the causal mask
+    and must include it (ALiBi), or none (bidirectional); `key_padding` [b, t] (True: a real token) masks
+    padded keys on top."""
     b, n, s, d = q.shape
-    qf, kt = q.reshape(b * n, s, d), k.reshape(b * n, s, d).transpose(1, 2)
-    if is_causal:
+    t = k.shape[2]
+    qf, kt = q.reshape(b * n, s, d), k.reshape(b * n, t, d).transpose(1, 2)
+    if attn_mask is not None:
+        bias = attn_mask.expand(b, n, s, t).reshape(b * n, s, t)
+    elif is_causal:
         key = (s, q.device, q.dtype)
         if key not in _CAUSAL_BIAS:  # 0 on and below the diagonal, -inf above: added to the scores by baddbmm
             _CAUSAL_BIAS[key] = torch.full((s, s), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
-        scores = torch.baddbmm(_CAUSAL_BIAS[key].expand(b * n, s, s), qf, kt, alpha=1.0 / math.sqrt(d))
+        bias = _CAUSAL_BIAS[key].expand(b * n, s, s)
     else:
-        scores = torch.bmm(qf, kt).mul_(1.0 / math.sqrt(d))
+        bias = None
+    scores = torch.bmm(qf, kt).mul_(1.0 / math.sqrt(d)) if bias is None else \
+        torch.baddbmm(bias, qf, kt, alpha=1.0 / math.sqrt(d))
     if key_padding is not None:
-        bias = torch.zeros(b, 1, 1, s, device=q.device, dtype=scores.dtype).masked_fill_(
-            ~key_padding.view(b, 1, 1, s), float("-inf"))
-        scores = scores.view(b, n, s, s).add_(bias).view(b * n, s, s)
+        pad = torch.zeros(b, 1, 1, t, device=q.device, dtype=scores.dtype).masked_fill_(
+            ~key_padding.view(b, 1, 1, t), float("-inf"))
+        scores = scores.view(b, n, s, t).add_(pad).view(b * n, s, t)
     # torch's softmax kernels accumulate bf16/fp16 in fp32 and round once on output: the same bits as an fp32
     # softmax followed by a cast, without the fp32 [b*n, s, s] temporary and the two casts. The dtype is
     # explicit because CUDA autocast runs a softmax without one in fp32 (CPU autocast does not): an fp32
@@ -82,13 +95,15 @@ def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
     probs = scores.softmax(-1, dtype=scores.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    return torch.bmm(probs, v.reshape(b * n, s, d)).view(b, n, s, d)
+    return torch.bmm(probs, v.reshape(b * n, t, d)).view(b, n, s, d)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, is_causal: bool = True,
-          key_padding: torch.Tensor | None = None) -> torch.Tensor:
-    mask = None if key_padding is None else key_padding[:, None, None, :]  # bool: True attends
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, is_causal: bool = False,
+          attn_mask: torch.Tensor | None = None, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    if key_padding is not None:  # bool: True attends
+        assert attn_mask is None, "a padding mask together with an additive bias is not needed by any model"
+        attn_mask = key_padding[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
 class Attention(nn.Module):
@@ -101,24 +116,38 @@ class Attention(nn.Module):
         self.causal = causal
         self.device = state.device
         self.impl = getattr(cfg, "attention", "auto")
+        # BLOOM (model.position_embedding=alibi): this rank's heads' ALiBi slopes, a bias on the scores instead
+        # of position embeddings.
+        alibi = getattr(cfg, "position_embedding", "learned") == "alibi"
+        self.slopes = local_slopes(heads, state.tensor, state.tp_rank) if alibi else None
         # Output rows are grouped by head ([head][q,k,v][head_dim]), so a rank's contiguous slice holds whole
         # heads, and a checkpoint shard for another tensor degree is again a contiguous slice.
         self.qkv = ColumnParallelLinear(h, 3 * h, state, device=device, dtype=dtype)
         self.proj = RowParallelLinear(h, h, state, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
+                kv_cache: LayerKV | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
         p = self.dropout if self.training else 0.0
         attend = unfused_attention if _use_unfused(self.impl, x.device) else _sdpa
-        mask = {} if key_padding is None else {"key_padding": key_padding}
-        if p > 0:
+        mask: dict = {"is_causal": self.causal}
+        if key_padding is not None:
+            mask["key_padding"] = key_padding
+        if self.slopes is not None:  # ALiBi: its bias holds the positions and the causal mask
+            if kv_cache is not None:
+                k, v = kv_cache.append(k, v)
+                kv_cache = None
+            mask = {"attn_mask": alibi_causal_bias(self.slopes, s, q.dtype, q.device, keys=k.shape[2])}
+        if kv_cache is not None:  # generation: this layer's earlier keys/values + these (mtlm/model/kv_cache.py)
+            y = cached_attention(q, *kv_cache.append(k, v))
+        elif p > 0:
             # Attention dropout is inside the parallel region: masks must differ per tensor rank.
             with tensor_region_rng(self.device):
-                y = attend(q, k, v, dropout_p=p, is_causal=self.causal, **mask)
+                y = attend(q, k, v, dropout_p=p, **mask)
         else:
-            y = attend(q, k, v, is_causal=self.causal, **mask)
+            y = attend(q, k, v, **mask)
         return self.proj(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
 
 
@@ -152,11 +181,12 @@ class Block(nn.Module):
         # Residual dropout acts on the replicated stream: default RNG, identical across the tensor group.
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
+                kv_cache: LayerKV | None = None) -> torch.Tensor:
         if self.pre_ln:
-            x = x + self.drop(self.attn(self.ln1(x), key_padding))
+            x = x + self.drop(self.attn(self.ln1(x), key_padding, kv_cache))
             return x + self.drop(self.mlp(self.ln2(x)))
-        x = self.ln1(x + self.drop(self.attn(x, key_padding)))
+        x = self.ln1(x + self.drop(self.attn(x, key_padding, kv_cache)))
         return self.ln2(x + self.drop(self.mlp(x)))
 
 
