@@ -136,7 +136,8 @@ def test_alibi_generation_cache_and_unfused_path_match(hf, tmp_path: Path) -> No
 
 
 def _logits_at_degree(state, paths: list[str], ids: torch.Tensor) -> list[torch.Tensor]:
-    """Each converted checkpoint run at this process group's tensor degree, logits gathered over the vocab."""
+    """Each converted checkpoint run at this process group's tensor degree, logits gathered over the vocab
+    (BERT: its masked-LM logits, then its sentence-order logits)."""
     from mtlm.api import model_config
     from mtlm.model.build import build_model
     from mtlm.parallel.mappings import gather_last_dim
@@ -149,18 +150,21 @@ def _logits_at_degree(state, paths: list[str], ids: torch.Tensor) -> list[torch.
         model = build_model(model_config(meta), meta["model"]["vocab_size"], state).eval()
         restore_checkpoint(path, state, model)
         with torch.no_grad():
-            out.append(gather_last_dim(model(ids), state.tp_group)[..., :meta["model"]["vocab_size"]])
+            result = model(ids)
+        logits, sop = result if isinstance(result, tuple) else (result, None)
+        out.append(gather_last_dim(logits, state.tp_group)[..., :meta["model"]["vocab_size"]])
+        if sop is not None:
+            out.append(sop)
     return out
 
 
 @pytest.mark.multiprocess
 def test_converted_checkpoints_at_tensor_degree_2(hf, tmp_path: Path) -> None:
-    """One gloo run for both: a legacy Megatron GPT-2 (version 0: each rank's rows [q|k|v] of its heads) and a
-    BLOOM from Megatron-DeepSpeed (6 heads: 3 per rank, each rank its own ALiBi slopes)."""
+    """One gloo run for all: a legacy Megatron GPT-2 (version 0: each rank's rows [q|k|v] of its heads), a BLOOM
+    from Megatron-DeepSpeed (6 heads: 3 per rank, each rank its own ALiBi slopes) and a Megatron-BERT."""
     from tests.distributed import run_ranks
     from tests.megatron_layouts import HEADS as GPT_HEADS
-    from tests.megatron_layouts import POSITIONS, random_gpt2, write_megatron
-    from tests.megatron_layouts import VOCAB as GPT_VOCAB
+    from tests.megatron_layouts import POSITIONS, random_gpt2, random_megatron_bert, write_megatron, write_megatron_bert
 
     gpt2 = random_gpt2()
     src = write_megatron(tmp_path / "meg", gpt2, 0, 2, False, True)
@@ -169,12 +173,16 @@ def test_converted_checkpoints_at_tensor_degree_2(hf, tmp_path: Path) -> None:
     write_deepspeed(tmp_path / "ds", hf, 2)
     main(["from-deepspeed", str(tmp_path / "ds"), str(tmp_path / "bloom"), "--tensor", "2",
           "--num-attention-heads", str(HEADS)])
+    bert = random_megatron_bert()
+    write_megatron_bert(tmp_path / "bert_meg", bert, 2.0, 2, True)
+    main(["from-megatron", str(tmp_path / "bert_meg"), str(tmp_path / "bert"), "--tensor", "2"])
     ids = _ids()[:, :POSITIONS]
-    results = run_ranks(_logits_at_degree, 2, [str(tmp_path / "gpt"), str(tmp_path / "bloom")], ids)
+    results = run_ranks(_logits_at_degree, 2, [str(tmp_path / p) for p in ("gpt", "bloom", "bert")], ids)
     with torch.no_grad():
-        expected = [gpt2(ids).logits, hf(ids).logits]
-    for ours, theirs, vocab in zip(results[0], expected, (GPT_VOCAB, VOCAB), strict=True):
-        ours = ours[..., :vocab]
-        assert theirs.std() > 1.0
+        bert_out = bert(input_ids=ids)
+        expected = [gpt2(ids).logits, hf(ids).logits, bert_out.prediction_logits, bert_out.seq_relationship_logits]
+    for ours, theirs in zip(results[0], expected, strict=True):
+        ours = ours[..., :theirs.shape[-1]]  # no tokenizer given: the Megatron files' padding rows were kept
+        assert ours.shape == theirs.shape and (theirs.dim() == 2 or theirs.std() > 1.0)  # 2-D: the SOP logits
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
     assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
