@@ -60,9 +60,9 @@ def _dataset(seed: int = 0, docs: int = 300) -> MaskedLMDataset:
 
 def test_chunks_stay_inside_documents_and_fit() -> None:
     bounds = np.array([[0, 10], [11, 11], [12, 13], [14, 300]])
-    is_end = np.zeros(400, dtype=bool)
+    is_end = np.zeros(400, dtype=bool)  # over the vocabulary; the tokens are 0, 1, 2, ... so ids are positions
     is_end[[60, 110]] = True
-    chunks = chunk_documents(bounds, is_end, 61)
+    chunks = chunk_documents(bounds, np.arange(400), is_end, 61)
     assert chunks[0].tolist() == [0, 10]  # the empty and the 1-token document give no sample
     assert all(b - a >= 2 and b - a <= 61 for a, b in chunks)
     # Cut right after the sentence ends at 60 and 110, each in its chunk's second half.
@@ -259,3 +259,29 @@ def test_bert_experiments_compose(experiment: str, scales: list[str]) -> None:
         cfg = compose_config(f"+experiment={experiment}", f"scale={scale}", "trainer.device=cpu")
         assert cfg.model._target_ == "mtlm.model.bert.BERT" and cfg.model.activation == "gelu"
         assert cfg.model.name.startswith("bert_") and cfg.parallel.tensor == int(scale.rsplit("_t", 1)[1])
+
+
+def test_bert_samples_from_a_megatron_token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.paths=[PREFIX] (issue 12's .bin/.idx): documents come from the file's document index."""
+    from mtlm.data.bert import build_bert_data
+    from mtlm.data.corpus import default_documents
+    from mtlm.data.indexed import IndexedWriter
+    from mtlm.data.tokenizer import train_tokenizer
+    from tests.compose import compose_config
+
+    monkeypatch.setenv("MTLM_CACHE_DIR", str(tmp_path / "cache"))
+    docs = default_documents()[:60]
+    tok = train_tokenizer(iter(docs), str(tmp_path / "tok.model"), 400)
+    with IndexedWriter(str(tmp_path / "corpus_text_document"), np.uint16) as w:
+        for doc in docs:
+            w.add_document(tok.encode(doc) + [tok.eos_id])
+    cfg = compose_config("model=bert_tiny", "model.seq_length=32", "model.max_position_embeddings=32",
+                         f"data.paths=[{tmp_path / 'corpus_text_document'}]", f"data.tokenizer.model={tok.path}")
+    bundle = build_bert_data(cfg.data, 32, seed=0)
+    batch = bundle.train.get_batch(0, 64)
+    assert (batch["input_ids"][:, 0] == tok.piece_id("[CLS]")).all()
+    assert not (batch["input_ids"] == tok.eos_id).any()  # documents end before their end-of-document token
+    original = torch.where(batch["labels"] >= 0, batch["labels"], batch["input_ids"])
+    for row, swapped in zip(original.tolist(), batch["sop_labels"].tolist(), strict=True):
+        first = tok.decode(row[1:row.index(tok.piece_id("[SEP]"))])  # segment A unless swapped
+        assert any(first in d for d in docs) or swapped

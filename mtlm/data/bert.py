@@ -72,16 +72,17 @@ def document_bounds(tokens: np.ndarray, eos_id: int) -> np.ndarray:
     return np.stack([starts, stops], axis=1).astype(np.int64)
 
 
-def chunk_documents(bounds: np.ndarray, is_end: np.ndarray, max_tokens: int) -> np.ndarray:
+def chunk_documents(bounds: np.ndarray, tokens: np.ndarray, is_end: np.ndarray, max_tokens: int) -> np.ndarray:
     """[n, 2] (start, stop) chunks of at most max_tokens tokens (at least 2, so A and B are non-empty). A chunk
-    that must be cut ends after the last sentence end in its second half, if there is one."""
+    that must be cut ends after the last sentence end (`is_end`: a table over the vocabulary) in its second
+    half, if there is one. A Python loop over chunks: fine for CPU-sized corpora, slow for billions of tokens."""
     chunks = []
     for start, stop in bounds:
         pos = int(start)
         while stop - pos >= 2:
             end = min(pos + max_tokens, int(stop))
             if end < stop:
-                cuts = np.flatnonzero(is_end[pos + max_tokens // 2: end])
+                cuts = np.flatnonzero(is_end[np.asarray(tokens[pos + max_tokens // 2: end])])
                 if len(cuts):
                     end = pos + max_tokens // 2 + int(cuts[-1]) + 1
             chunks.append((pos, end))
@@ -104,7 +105,7 @@ class MaskedLMDataset:
         self.tokens, self.special, self.seq_length = tokens, special, int(seq_length)
         self.seed, self.split = int(seed), split
         self.is_end = is_end
-        self.chunks = chunk_documents(bounds, is_end[np.asarray(tokens)], self.seq_length - 3)
+        self.chunks = chunk_documents(bounds, tokens, is_end, self.seq_length - 3)
         self.num_samples = len(self.chunks)
         if self.num_samples == 0:
             raise DataError(f"data: the {split} split has no document of 2 or more tokens for BERT samples; "
@@ -178,17 +179,36 @@ class MaskedLMDataset:
                 f"seq_length={self.seq_length}, seed={self.seed})")
 
 
+def _documents(ds, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, [n, 2] document bounds without their end-of-document token) of one split: the text cache's token
+    stream (documents end with eos), or a Megatron token file's split (its document index, issue 12)."""
+    bounds = getattr(ds, "document_bounds", None)
+    if bounds is None:
+        if not hasattr(ds, "tokens"):
+            raise DataError(f"data.paths: BERT reads one corpus or one token file; a blend ({type(ds).__name__}) "
+                            "is not supported for masked-LM samples")
+        return ds.tokens, document_bounds(ds.tokens, eos_id)
+    bounds = np.array(bounds, dtype=np.int64)
+    if len(bounds):
+        ends_with_eos = np.asarray(ds.tokens[np.maximum(bounds[:, 1] - 1, 0)]) == eos_id
+        bounds[:, 1] -= ends_with_eos & (bounds[:, 1] > bounds[:, 0])
+    return ds.tokens, bounds
+
+
 def build_bert_data(cfg, seq_length: int, seed: int):
-    """The GPT pipeline's cached tokens (mtlm.data.build_data), cut into documents and served as masked-LM
-    samples. Cheap enough for every rank (one pass over the tokens to find document ends)."""
+    """The GPT pipeline's tokens (mtlm.data.build_data: the cached text corpus, or one Megatron token file),
+    cut into documents and served as masked-LM samples. Cheap enough for every rank."""
     from mtlm.data.build import VAL_SEED, DataBundle, build_data
 
     bundle = build_data(cfg, seq_length, seed)
     tok = bundle.tokenizer
+    if tok is None:
+        raise DataError("data.tokenizer: BERT needs the tokenizer of the token files (its [CLS] [SEP] [MASK] "
+                        "ids); set data.tokenizer.model")
     special, is_end = special_ids(tok), sentence_end_ids(tok)
 
     def wrap(ds, split_seed: int) -> MaskedLMDataset:
-        return MaskedLMDataset(ds.tokens, document_bounds(ds.tokens, tok.eos_id), is_end, special, seq_length,
-                               split_seed, split=ds.split)
+        tokens, bounds = _documents(ds, tok.eos_id)
+        return MaskedLMDataset(tokens, bounds, is_end, special, seq_length, split_seed, split=ds.split)
 
     return DataBundle(tokenizer=tok, train=wrap(bundle.train, seed), val=wrap(bundle.val, VAL_SEED))
