@@ -1,19 +1,26 @@
-"""Data for mtlm: corpus -> sentencepiece tokenizer -> cached token files -> seeded fixed-length samples.
+"""Data for mtlm: corpus -> tokenizer -> token files -> seeded fixed-length samples.
 
 prepare_data() does the slow disk work once (in the launcher); build_data() is cheap and runs on every rank.
+The names below load lazily, so the preprocessing workers (mtlm/data/preprocess.py) import no torch.
 """
 
-from mtlm.data.build import DataBundle, build_data, prepare_data, validate_data_config
-from mtlm.data.dataset import TokenDataset
-from mtlm.data.errors import DataError
-from mtlm.data.tokenizer import Tokenizer
+from importlib import import_module
 
-__all__ = [
-    "DataBundle",
-    "DataError",
-    "TokenDataset",
-    "Tokenizer",
-    "build_data",
-    "prepare_data",
-    "validate_data_config",
-]
+_WHERE = {
+    "DataBundle": "mtlm.data.build",
+    "build_data": "mtlm.data.build",
+    "prepare_data": "mtlm.data.build",
+    "validate_data_config": "mtlm.data.build",
+    "TokenDataset": "mtlm.data.dataset",
+    "DataError": "mtlm.data.errors",
+    "Tokenizer": "mtlm.data.tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'mtlm.data' has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE)

@@ -27,7 +27,7 @@ from mtlm.data.errors import DataError
 from mtlm.data.indexed import IndexedWriter, best_dtype
 from mtlm.data.text_tokenizer import TOKENIZER_TYPES, TokenizerSpec, check_spec, load_tokenizer, tokenizer_spec
 
-BATCH_BYTES = 1 << 20  # text handed to a worker at a time
+BATCH_BYTES = 1 << 18  # text handed to a worker at a time
 
 # The data config's names in the messages shared with train.py -> this command's flags.
 CLI_NAMES = {"data.paths": "--input", "data.text_key": "--json-key", "data.tokenizer.type": "--tokenizer-type",
