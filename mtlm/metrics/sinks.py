@@ -23,6 +23,10 @@ from typing import Any, Protocol
 CONSOLE_FIELDS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("train/loss", "loss"), lambda v: f"loss {v:.4f}"),
     (("val/loss", "val_loss"), lambda v: f"val {v:.4f}"),
+    (("mlm_loss",), lambda v: f"mlm {v:.4f}"),  # BERT (train/objective.py): the two terms of its loss
+    (("sop_acc",), lambda v: f"sop acc {v:.2f}"),
+    (("val_mlm_loss",), lambda v: f"val mlm {v:.4f}"),
+    (("val_sop_acc",), lambda v: f"val sop acc {v:.3f}"),
     (("train/lr", "lr"), lambda v: f"lr {v:.1e}"),
     (("train/grad_norm", "grad_norm"), lambda v: f"gnorm {v:.2f}"),
     (("train/loss_scale", "loss_scale"), lambda v: f"scale {v:g}"),
