@@ -285,3 +285,17 @@ def test_bert_samples_from_a_megatron_token_file(tmp_path: Path, monkeypatch: py
     for row, swapped in zip(original.tolist(), batch["sop_labels"].tolist(), strict=True):
         first = tok.decode(row[1:row.index(tok.piece_id("[SEP]"))])  # segment A unless swapped
         assert any(first in d for d in docs) or swapped
+
+
+def test_gpt_takes_the_shared_layer_choices() -> None:
+    """model.layernorm_order / model.activation are the shared layer's: GPT honours them too (default: GPT-2)."""
+    from mtlm.model.gpt import GPT
+
+    gpt2 = GPT(_cfg(activation="gelu_tanh"), VOCAB, ParallelState())
+    assert gpt2.ln_f is not None and gpt2.ln_emb is None and gpt2.blocks[0].attn.causal and gpt2.blocks[0].pre_ln
+    post = GPT(_cfg(layernorm_order="post", activation="gelu"), VOCAB, ParallelState())
+    assert post.ln_f is None and post.ln_emb is not None and not post.blocks[0].pre_ln
+    assert post.num_parameters() == gpt2.num_parameters() == sum(p.numel() for p in post.parameters())
+    x = torch.linspace(-3, 3, 7)
+    assert torch.equal(post.blocks[0].mlp.act(x), torch.nn.functional.gelu(x))
+    assert torch.equal(gpt2.blocks[0].mlp.act(x), torch.nn.functional.gelu(x, approximate="tanh"))
