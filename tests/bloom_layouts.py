@@ -1,5 +1,5 @@
 """Small BLOOM checkpoints: a random transformers BloomForCausalLM, and its weights in Megatron-DeepSpeed's
-exact layout (one file per pipeline layer and tensor rank), written here independently of mtlm.interop."""
+exact layout (one file per pipeline layer and tensor rank), written here independently of mtlm.convert."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Small checkpoints in Megatron-LM's exact legacy layouts, written from a transformers GPT-2's weights.
 
 This is the tests' own rendering of the layout facts (../shared/reference/released-models.md), written
-independently of mtlm.interop.megatron so that a mistake there cannot cancel out here:
+independently of mtlm.convert.megatron so that a mistake there cannot cancel out here:
 
 - per tensor rank: vocabulary rows of the word embeddings, output rows of qkv and h->4h, input columns of the
   attention output and 4h->h; position embeddings, layer norms and the row-parallel biases whole;

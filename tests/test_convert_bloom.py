@@ -13,8 +13,8 @@ import torch
 
 from mtlm import load_model
 from mtlm.convert import main
-from mtlm.interop.deepspeed import from_deepspeed
-from mtlm.interop.writer import read_checkpoint
+from mtlm.convert.deepspeed import from_deepspeed
+from mtlm.convert.writer import read_checkpoint
 from mtlm.model.alibi import alibi_causal_bias, alibi_slopes, local_slopes
 from mtlm.train.reshard import CheckpointError, read_metadata
 from tests.bloom_layouts import HEADS, VOCAB, random_bloom, write_deepspeed
@@ -61,7 +61,7 @@ def test_relative_bias_gives_blooms_attention_probabilities() -> None:
 
 
 def test_bloom_presets_parameter_counts() -> None:
-    from mtlm.interop.megatron import _preset
+    from mtlm.convert.megatron import _preset
     from mtlm.model.build import build_model
     from mtlm.parallel import ParallelState
 
@@ -82,12 +82,31 @@ def _preset_config(spec: dict):
     return model_config({"model": spec})
 
 
+def _tokenizer_json(path: Path, size: int) -> Path:
+    """A word-level tokenizer.json of `size` tokens with BLOOM's specials at ids 0-3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(size - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
 @pytest.mark.parametrize("tensor", [1, 2])
-def test_from_hf_matches_transformers_and_back(hf, tmp_path: Path, tensor: int) -> None:
+def test_from_hf_matches_transformers_and_back(hf, tmp_path: Path, capsys, tensor: int) -> None:
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ck"), "--tensor", str(tensor)]) == 0
+    tok = _tokenizer_json(tmp_path / "tok" / "tokenizer.json", VOCAB - 20)  # BLOOM's: fewer tokens than rows
+    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ck"), "--tensor", str(tensor),
+                 "--tokenizer-file", str(tok)]) == 0
     meta = read_metadata(tmp_path / "ck" / "step_00000000")
     assert meta["model"]["position_embedding"] == "alibi" and meta["layout"]["tensor"] == tensor
+    assert meta["tokenizer"] == {"type": "tokenizer.json", "path": str(tok), "vocab_size": VOCAB - 20, "eos_id": 2}
+    big = _tokenizer_json(tmp_path / "big" / "tokenizer.json", VOCAB + 1)
+    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "bad"), "--tokenizer-file", str(big)]) == 2
+    assert f"has {VOCAB + 1} tokens, which does not fit the checkpoint's {VOCAB} embedding rows" in \
+        capsys.readouterr().err
     _assert_logits(load_model(tmp_path / "ck")(_ids()), hf)
     assert main(["to-hf", str(tmp_path / "ck"), str(tmp_path / "hf2")]) == 0
     from safetensors.torch import load_file

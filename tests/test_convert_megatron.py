@@ -13,10 +13,10 @@ import torch
 
 from mtlm import load_model
 from mtlm.convert import main
-from mtlm.interop.megatron import from_megatron, qkv_to_mtlm
-from mtlm.interop.megatron_export import to_megatron
-from mtlm.interop.pickles import UnsafeCheckpointError, safe_load
-from mtlm.interop.writer import read_checkpoint
+from mtlm.convert.megatron import from_megatron, qkv_to_mtlm
+from mtlm.convert.megatron_export import to_megatron
+from mtlm.convert.pickles import UnsafeCheckpointError, safe_load
+from mtlm.convert.writer import read_checkpoint
 from mtlm.train.reshard import CheckpointError, read_metadata
 from tests.megatron_layouts import (
     HEADS,
@@ -196,7 +196,7 @@ def test_bad_layouts_are_named(hf, tmp_path: Path) -> None:
 def test_345m_layout_parameter_count() -> None:
     from types import SimpleNamespace
 
-    from mtlm.interop.megatron import _preset
+    from mtlm.convert.megatron import _preset
     from mtlm.model.gpt import GPT
     from mtlm.parallel import ParallelState
 

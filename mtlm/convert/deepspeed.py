@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from mtlm.interop import bloom
-from mtlm.interop.pickles import safe_load
-from mtlm.interop.writer import build_on_meta, write_checkpoint
+from mtlm.convert import bloom
+from mtlm.convert.pickles import safe_load
+from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
 from mtlm.parallel.state import ParallelState
 from mtlm.train.reshard import CheckpointError
 
@@ -109,7 +109,7 @@ def from_deepspeed(src: str | Path, out_dir: str | Path, tensor: int = 1, preset
                    num_attention_heads: int | None = None, tokenizer: Any = None) -> Path:
     """Import a Megatron-DeepSpeed BLOOM checkpoint as an mtlm checkpoint at tensor degree `tensor`.
     Heads cannot be read off the tensors: give `preset` (e.g. bloom_560m) or `num_attention_heads`."""
-    from mtlm.interop.megatron import _preset
+    from mtlm.convert.megatron import _preset
 
     folder = step_folder(Path(src))
     ranks, layers = _layer_tensors(folder)
@@ -133,7 +133,7 @@ def from_deepspeed(src: str | Path, out_dir: str | Path, tensor: int = 1, preset
                                 spec.get("init_std", 0.02), spec.get("seq_length", 2048))
     shapes = build_on_meta(_namespace(model), rows, ParallelState())
     full = join(ranks, {n: getattr(p, "partition_dim", None) for n, p in shapes.named_parameters()})
-    extra = bloom._tokenizer_extra(tokenizer, rows, label)
+    extra = tokenizer_metadata(tokenizer, rows, label)
     source = {"deepspeed": str(folder.resolve()), "tensor": len(ranks)}
     return write_checkpoint(out_dir, model, full, tensor, source, extra)
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from mtlm.interop.megatron import BERT_TARGET, LAYER_NAMES, MEGATRON_TOKENIZERS
-from mtlm.interop.megatron_files import TRACKER
-from mtlm.interop.writer import read_checkpoint
+from mtlm.convert.megatron import BERT_TARGET, LAYER_NAMES, MEGATRON_TOKENIZERS
+from mtlm.convert.megatron_files import TRACKER
+from mtlm.convert.writer import read_checkpoint
 from mtlm.parallel.layers import pad_vocab_size
 from mtlm.train.reshard import PADDED_VOCAB, CheckpointError
 

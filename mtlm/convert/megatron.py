@@ -3,8 +3,8 @@
     python -m mtlm.convert from-megatron megatron_lm_345m_v0.0.zip checkpoints/gpt2_345m --tensor 2
     python -m mtlm.convert to-megatron checkpoints/gpt2_345m megatron/gpt2_345m --tensor 4
 
-A legacy checkpoint is one pickle per tensor rank (files: mtlm.interop.megatron_files; loading without
-running code: mtlm.interop.pickles) holding `model` (the state dict, nested as `language_model.embedding` /
+A legacy checkpoint is one pickle per tensor rank (files: mtlm.convert.megatron_files; loading without
+running code: mtlm.convert.pickles) holding `model` (the state dict, nested as `language_model.embedding` /
 `language_model.transformer` or, from 2.x, `.encoder`), maybe `args`, and `checkpoint_version`:
 
 - Each rank holds a contiguous slice of every split tensor: vocabulary rows of the embedding, output rows of
@@ -25,11 +25,9 @@ from typing import Any
 import torch
 
 from mtlm.api import model_config
-from mtlm.data.errors import DataError
-from mtlm.data.hf_tokenizers import check_vocab, tokenizer_entry
-from mtlm.interop.megatron_files import rank_files
-from mtlm.interop.pickles import safe_load
-from mtlm.interop.writer import build_on_meta, write_checkpoint
+from mtlm.convert.megatron_files import rank_files
+from mtlm.convert.pickles import safe_load
+from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
 from mtlm.parallel.layers import pad_vocab_size
 from mtlm.parallel.state import ParallelState
 from mtlm.train.reshard import PADDED_VOCAB, CheckpointError
@@ -178,10 +176,7 @@ def join_ranks(ranks: list[dict[str, torch.Tensor]], version: float, heads: int,
 def _real_vocab(rows: int, saved_tensor: int, divisible: int, tokenizer: Any, args: Any, label: str) -> int:
     """The real vocabulary size: the tokenizer's, else args.vocab_size, else every row (said on stderr)."""
     if tokenizer is not None:
-        try:
-            check_vocab(tokenizer, rows, divisible, saved_tensor, label)
-        except DataError as err:
-            raise CheckpointError(str(err)) from None
+        tokenizer_metadata(tokenizer, rows, label, divisible, saved_tensor)  # checks it fits, or one line
         return tokenizer.vocab_size
     size = getattr(args, "vocab_size", None)
     if size is None:
@@ -245,9 +240,6 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
         raise CheckpointError(f"{label}: no args in the file, so the number of attention heads is unknown: pass "
                               "--num-attention-heads N or --preset NAME")
     model = model_section(first, len(ranks), args, spec, heads, preset or Path(out_dir).name)
-    if model["_target_"] == GPT_TARGET and model["activation"] == "gelu":
-        raise CheckpointError(f"{label}: args say the exact (erf) GeLU (bias_gelu_fusion off, no openai_gelu); "
-                              "mtlm's GPT runs the tanh approximation, so its logits would differ")
     for key in ("num_attention_heads", "num_layers", "hidden_size"):
         value = num_attention_heads if key == "num_attention_heads" else model[key]
         for where, have in (("args", getattr(args, key, None)), (f"--preset {preset}", spec.get(key))):
@@ -270,5 +262,5 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
     model["vocab_size"] = vocab
     source = {"megatron": str(Path(src).resolve()), "iteration": info["iteration"],
               "checkpoint_version": version, "tensor": len(ranks)}
-    extra = {"tokenizer": tokenizer_entry(tokenizer)} if tokenizer is not None else None
+    extra = tokenizer_metadata(tokenizer, rows, label, model["make_vocab_size_divisible_by"], len(ranks))
     return write_checkpoint(out_dir, model, full, tensor, source, extra)

@@ -1,4 +1,12 @@
-"""The foreign-format commands of `python -m mtlm.convert` (mtlm/convert.py adds them to its parser)."""
+"""`python -m mtlm.convert COMMAND ...`: one command line in front of every format's module.
+
+    to-hf / from-hf        Hugging Face folders: GPT2LMHeadModel, MegatronBertForPreTraining, BloomForCausalLM
+    from-megatron          Megatron-LM's legacy checkpoints (folders or NVIDIA's NGC zips), GPT-2 and BERT
+    to-megatron            back to Megatron-LM (version 3.0 layout)
+    from-deepspeed         bigscience's Megatron-DeepSpeed BLOOM checkpoints
+
+Every problem with the input is one line, `checkpoint error: ...`, and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +74,7 @@ def _guard(fn):
 
 @_guard
 def _from_megatron(args: argparse.Namespace) -> Path:
-    from mtlm.interop.megatron import from_megatron
+    from mtlm.convert.megatron import from_megatron
 
     return from_megatron(args.src, args.out_dir, args.tensor, args.preset, args.num_attention_heads,
                          open_tokenizer(args))
@@ -74,21 +82,44 @@ def _from_megatron(args: argparse.Namespace) -> Path:
 
 @_guard
 def _to_megatron(args: argparse.Namespace) -> Path:
-    from mtlm.interop.megatron_export import to_megatron
+    from mtlm.convert.megatron_export import to_megatron
 
     return to_megatron(args.checkpoint, args.out_dir, args.tensor)
 
 
 @_guard
 def _from_deepspeed(args: argparse.Namespace) -> Path:
-    from mtlm.interop.deepspeed import from_deepspeed
+    from mtlm.convert.deepspeed import from_deepspeed
 
     return from_deepspeed(args.src, args.out_dir, args.tensor, args.preset, args.num_attention_heads,
                           open_tokenizer(args))
 
 
+def _to_hf(args: argparse.Namespace) -> Path:
+    from mtlm.convert.hf import to_hf
+
+    return to_hf(args.checkpoint, args.out_dir)
+
+
+@_guard
+def _from_hf(args: argparse.Namespace) -> Path:
+    from mtlm.convert.hf import from_hf
+
+    return from_hf(args.hf_dir, args.out_dir, args.tensor, open_tokenizer(args))
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add from-megatron / to-megatron / from-deepspeed; each sets `run` (args -> the folder written)."""
+    """Add every command; each sets `run` (args -> the folder written)."""
+    p = sub.add_parser("to-hf", help="mtlm checkpoint -> transformers folder (GPT-2, Megatron-BERT or BLOOM)")
+    p.add_argument("checkpoint", help="a checkpoint folder (its latest) or one step_* folder")
+    p.add_argument("out_dir")
+    p.set_defaults(run=_to_hf)
+    p = sub.add_parser("from-hf", help="transformers folder (GPT-2, Megatron-BERT or BLOOM) -> mtlm checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree to write the shards for")
+    add_tokenizer_options(p)
+    p.set_defaults(run=_from_hf)
     p = sub.add_parser("from-megatron", help="Megatron-LM legacy checkpoint (folder or NGC zip) -> mtlm checkpoint")
     p.add_argument("src", help="checkpoint folder (with latest_checkpointed_iteration.txt), release/ or iter_*/ "
                                "folder, one .pt file, or the released zip")
@@ -113,3 +144,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-attention-heads", type=int, default=None, help="attention heads (not in the files)")
     add_tokenizer_options(p)
     p.set_defaults(run=_from_deepspeed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtlm.convert", description=__doc__.split("\n\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        print(f"wrote {args.run(args)}")
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mtlm.interop.writer import read_checkpoint, write_checkpoint
+from mtlm.convert.writer import read_checkpoint, tokenizer_metadata, write_checkpoint
+from mtlm.files import respect_umask
 from mtlm.train.reshard import CheckpointError
 
 # mtlm's per-layer module -> BLOOM's (Hugging Face and Megatron-DeepSpeed use the same layer names).
@@ -116,22 +117,8 @@ def from_hf_bloom(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, toke
                           config.get("layer_norm_epsilon", 1e-5), config.get("hidden_dropout", 0.0),
                           config.get("initializer_range", 0.02))
     full = _hf_to_mtlm(read_hf_safetensors(hf_dir), hf_dir)
-    extra = _tokenizer_extra(tokenizer, full["wte.weight"].shape[0], str(hf_dir))
+    extra = tokenizer_metadata(tokenizer, full["wte.weight"].shape[0], str(hf_dir))
     return write_checkpoint(out_dir, model, full, tensor, {"huggingface": str(hf_dir.resolve())}, extra)
-
-
-def _tokenizer_extra(tokenizer: Any, rows: int, where: str) -> dict | None:
-    """BLOOM's embedding has more rows (250,880) than its tokenizer tokens (250,680): it must only fit."""
-    if tokenizer is None:
-        return None
-    from mtlm.data.errors import DataError
-    from mtlm.data.hf_tokenizers import check_vocab, tokenizer_entry
-
-    try:
-        check_vocab(tokenizer, rows, None, 1, where)
-    except DataError as err:
-        raise CheckpointError(str(err)) from None
-    return {"tokenizer": tokenizer_entry(tokenizer)}
 
 
 def to_hf_bloom(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -142,6 +129,7 @@ def to_hf_bloom(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file({hf_name(n): v.contiguous() for n, v in full.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
+    respect_umask(out / "model.safetensors")  # safetensors creates it 0600; exports are meant to be shared
     tok = meta.get("tokenizer") or {}
     config = {
         "architectures": ["BloomForCausalLM"], "model_type": "bloom", "vocab_size": m["vocab_size"],

@@ -100,6 +100,23 @@ def write_checkpoint(out_dir: str | Path, model: dict, full: dict[str, torch.Ten
     return root
 
 
+def tokenizer_metadata(tokenizer: Any, rows: int, where: str, divisible: int | None = None,
+                       saved_tensor: int = 1) -> dict | None:
+    """{"tokenizer": entry} for metadata.json after checking the tokenizer fits the embedding's `rows`
+    (mtlm.data.hf_tokenizers.check_vocab: padded the saved way when `divisible` is given, else at least its
+    size); None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    from mtlm.data.errors import DataError
+    from mtlm.data.hf_tokenizers import check_vocab, tokenizer_entry
+
+    try:
+        check_vocab(tokenizer, rows, divisible, saved_tensor, where)
+    except DataError as err:
+        raise CheckpointError(str(err)) from None
+    return {"tokenizer": tokenizer_entry(tokenizer)}
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, whole model tensors by mtlm name) of an mtlm checkpoint folder or step folder."""
     step_dir = find_checkpoint(path)

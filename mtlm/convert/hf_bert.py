@@ -1,5 +1,5 @@
 """Convert between mtlm BERT checkpoints and transformers' MegatronBertForPreTraining (`python -m mtlm.convert
-to-hf | from-hf` come here for a BERT checkpoint / a `megatron-bert` config; mtlm/convert.py dispatches).
+to-hf | from-hf` come here for a BERT checkpoint / a `megatron-bert` config; mtlm/convert/hf.py dispatches).
 
 The two are the same network (pre-LN blocks with a final layer norm, exact GeLU, no embedding layer norm, tied
 word embeddings plus an LM bias, tanh pooler, binary head); the tensors differ in layout only:
@@ -15,26 +15,17 @@ Its layer-norm eps defaults to 1e-12; the config written here sets mtlm's. Post-
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from mtlm.api import model_config
-from mtlm.model.build import build_model
-from mtlm.parallel.state import ParallelState
+from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
 from mtlm.train.reshard import (
-    FORMAT,
     METADATA,
-    VERSION,
     CheckpointError,
-    RankShard,
-    commit,
-    merge_index,
-    param_slice,
-    rank_file,
-    write_json,
 )
 
 BERT_TARGET = "mtlm.model.bert.BERT"
@@ -130,8 +121,10 @@ def config_error(config: dict, config_path: Path) -> str | None:
     return None
 
 
-def from_hf(config: dict, hf: dict[str, torch.Tensor], hf_dir: Path, out_dir: str | Path, tensor: int) -> Path:
-    """Import a MegatronBertForPreTraining folder's config and tensors as an mtlm BERT checkpoint at `tensor`."""
+def from_hf(config: dict, hf: dict[str, torch.Tensor], hf_dir: Path, out_dir: str | Path, tensor: int,
+            tokenizer: Any = None) -> Path:
+    """Import a MegatronBertForPreTraining folder's config and tensors as an mtlm BERT checkpoint at `tensor`
+    (`tokenizer`: its WordPiece, checked against the vocabulary and recorded)."""
     problem = config_error(config, hf_dir / "config.json")
     if problem:
         raise CheckpointError(f"{hf_dir / 'config.json'}: {problem}")
@@ -147,40 +140,4 @@ def from_hf(config: dict, hf: dict[str, torch.Tensor], hf_dir: Path, out_dir: st
              "layernorm_eps": config.get("layer_norm_eps", 1e-12), "activation": activation,
              "layernorm_order": "pre"}
     return write_checkpoint(out_dir, model, hf_to_mtlm(hf, layers, heads), tensor,
-                            {"huggingface": str(hf_dir.resolve())})
-
-
-def write_checkpoint(out_dir: str | Path, model: dict, full: dict[str, torch.Tensor], tensor: int,
-                     source: dict) -> Path:
-    """Whole tensors (mtlm names, real vocabulary) -> an mtlm checkpoint folder at tensor degree `tensor`
-    (latest -> step_00000000, no optimizer state), each rank's file as training ranks would write it."""
-    cfg, vocab = model_config({"model": model}), model["vocab_size"]
-    root = Path(out_dir)
-    staging = root / ".tmp-step_00000000"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    parts = []
-    for rank in range(tensor):
-        shapes = build_model(cfg, vocab, ParallelState(rank=rank, world_size=tensor, tensor=tensor), device="meta")
-        names = dict(shapes.named_parameters())
-        if names.keys() != full.keys():
-            raise CheckpointError(f"{source}: converted tensors do not match the model: "
-                                  f"{sorted(names.keys() ^ full.keys())[:3]}")
-        shard = RankShard(rank_file(rank))
-        for name, p in names.items():
-            sl = param_slice(name, p.shape, p.partition_dim, tensor, rank, vocab)
-            if sl.dim is None and rank > 0:
-                continue  # replicated: tensor rank 0 writes it, as in training
-            value = full[name] if sl.dim is None else full[name].narrow(sl.dim, sl.start, sl.stop - sl.start)
-            shard.add(f"model.{name}", value, sl)
-        parts.append((shard.file, shard.write(staging), shard.index))
-    files, tensors = merge_index(parts)
-    write_json(staging / METADATA, {
-        "format": FORMAT, "version": VERSION, "step": 0, "consumed_samples": 0,
-        "layout": {"tensor": tensor, "data": 1, "world_size": tensor, "shard_optimizer": False, "device": "cpu"},
-        "model": model, "optimizer": {"state": False, "param_groups": []}, "scheduler": None, "precision": None,
-        "rng": {"files": []}, "files": files, "tensors": tensors, "config": {"model": model}, "source": source,
-        "torch": torch.__version__,
-    })
-    commit(root, staging, "step_00000000", 0)
-    return root
+                            {"huggingface": str(hf_dir.resolve())}, tokenizer_metadata(tokenizer, vocab, str(hf_dir)))

@@ -1,8 +1,10 @@
 """Convert between mtlm checkpoints and Hugging Face transformers' GPT-2 (GPT2LMHeadModel); a BERT checkpoint
-or a `megatron-bert` folder converts as MegatronBertForPreTraining instead (mtlm/convert_bert.py).
+or a `megatron-bert` folder converts as MegatronBertForPreTraining instead (mtlm/convert/hf_bert.py), a BLOOM
+checkpoint or folder as BloomForCausalLM (mtlm/convert/bloom.py).
 
     python -m mtlm.convert to-hf checkpoints/gpt2_tiny hf/gpt2_tiny          # config.json + model.safetensors
-    python -m mtlm.convert from-hf hf/gpt2 checkpoints/gpt2_hf --tensor 2    # an mtlm checkpoint at degree 2
+    python -m mtlm.convert from-hf hf/gpt2 checkpoints/gpt2_hf --tensor 2 --vocab-file hf/gpt2/vocab.json \
+        --merge-file hf/gpt2/merges.txt                                      # an mtlm checkpoint at degree 2
 
 The two GPT-2s are the same network (pre-LN, learned positions, tanh GeLU, tied embeddings, eps 1e-5); the
 tensors differ in layout only:
@@ -10,16 +12,13 @@ tensors differ in layout only:
 - HF's c_attn packs [q | k | v], each [heads][head_dim]; mtlm groups the fused rows by head,
   [head][q, k, v][head_dim], so a tensor-parallel rank's rows are whole heads.
 - HF's vocabulary is unpadded; mtlm checkpoints store only the real rows too (padding depends on the degree).
-Only weights are converted: the tokenizer is not (mtlm's is sentencepiece, GPT-2's a byte-level BPE). Nothing
-is unpickled: HF weights are read from safetensors only.
+Tokenizer files given to from-hf are checked against the vocabulary and recorded in the checkpoint, so the
+tools use them. Nothing is unpickled: HF weights are read from safetensors only.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +27,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mtlm.api import model_config
-from mtlm.convert_bert import BERT_TARGET
-from mtlm.convert_bert import from_hf as bert_from_hf
-from mtlm.convert_bert import to_hf as bert_to_hf
-from mtlm.data.errors import DataError
+from mtlm.convert.bloom import from_hf_bloom, is_bloom, is_bloom_model, to_hf_bloom
+from mtlm.convert.hf_bert import BERT_TARGET
+from mtlm.convert.hf_bert import from_hf as bert_from_hf
+from mtlm.convert.hf_bert import to_hf as bert_to_hf
+from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
 from mtlm.files import respect_umask
-from mtlm.interop.bloom import from_hf_bloom, is_bloom, is_bloom_model, to_hf_bloom
 from mtlm.model.build import model_target
-from mtlm.model.gpt import GPT
-from mtlm.parallel.state import ParallelState
 from mtlm.train.reshard import (
-    FORMAT,
     METADATA,
-    VERSION,
     CheckpointError,
-    RankShard,
     ShardReader,
-    commit,
     find_checkpoint,
-    merge_index,
-    param_slice,
-    rank_file,
     read_metadata,
-    write_json,
 )
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -113,9 +102,9 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
             is_bloom_model(meta["model"]) and m.activation != "gelu_tanh")):
         raise CheckpointError(f"{step_dir / METADATA}: model.layernorm_order={m.layernorm_order}, model.activation="
                               f"{m.activation}: transformers' GPT-2 / BLOOM are pre-LN (BLOOM: tanh GeLU only)")
-    if is_bloom_model(meta["model"]):  # BloomForCausalLM (mtlm/interop/bloom.py)
+    if is_bloom_model(meta["model"]):  # BloomForCausalLM (mtlm/convert/bloom.py)
         return to_hf_bloom(step_dir, out_dir)
-    if model_target(m) == BERT_TARGET:  # MegatronBertForPreTraining (mtlm/convert_bert.py)
+    if model_target(m) == BERT_TARGET:  # MegatronBertForPreTraining (mtlm/convert/hf_bert.py)
         return bert_to_hf(meta, {n: reader.read_full(f"model.{n}") for n in names}, step_dir, out_dir)
     hf = mtlm_to_hf({n: reader.read_full(f"model.{n}") for n in names}, m.num_layers, m.num_attention_heads)
     eos = (meta.get("tokenizer") or {}).get("eos_id")
@@ -175,16 +164,13 @@ def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def from_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:
-    """Import a GPT2LMHeadModel folder as an mtlm checkpoint folder (latest -> step_00000000) at `tensor`.
-    `tokenizer` (BLOOM only, for now): recorded in the metadata after checking it fits the embedding."""
-    if is_bloom(_config(Path(hf_dir))):  # BloomForCausalLM (mtlm/interop/bloom.py)
+    """Import a GPT2LMHeadModel (or MegatronBertForPreTraining, BloomForCausalLM) folder as an mtlm checkpoint
+    folder (latest -> step_00000000) at `tensor`. `tokenizer`: checked against the vocabulary and recorded."""
+    if is_bloom(_config(Path(hf_dir))):  # BloomForCausalLM (mtlm/convert/bloom.py)
         return from_hf_bloom(hf_dir, out_dir, tensor, tokenizer)
-    if tokenizer is not None:
-        raise CheckpointError("--vocab-file / --tokenizer-file: from-hf records a tokenizer for BLOOM folders "
-                              "only (GPT-2 and BERT: give it to the tools with data.tokenizer.*)")
     config, hf = _read_hf(Path(hf_dir))
     if config["model_type"] == "megatron-bert":
-        return bert_from_hf(config, hf, Path(hf_dir), out_dir, tensor)
+        return bert_from_hf(config, hf, Path(hf_dir), out_dir, tensor, tokenizer)
     layers, heads, h = config["n_layer"], config["n_head"], config["n_embd"]
     vocab, positions = config["vocab_size"], config["n_positions"]
     if heads % tensor:
@@ -195,59 +181,5 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer:
              "make_vocab_size_divisible_by": 128, "dropout": config.get("resid_pdrop", 0.1),
              "init_std": config.get("initializer_range", 0.02), "layernorm_eps": config.get("layer_norm_epsilon",
                                                                                             1e-5)}
-    root = Path(out_dir)
-    staging = root / ".tmp-step_00000000"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    parts = []
-    for rank in range(tensor):  # each tensor rank's file, as `tensor` training ranks would have written it
-        state = ParallelState(rank=rank, world_size=tensor, tensor=tensor)
-        shapes = GPT(model_config({"model": model}), vocab, state, device="meta")  # shapes only, no memory
-        shard = RankShard(rank_file(rank))
-        for name, p in shapes.named_parameters():
-            sl = param_slice(name, p.shape, p.partition_dim, tensor, rank, vocab)
-            value = full[name] if sl.dim is None else full[name].narrow(sl.dim, sl.start, sl.stop - sl.start)
-            shard.add(f"model.{name}", value, sl)
-        parts.append((shard.file, shard.write(staging), shard.index))
-    files, tensors = merge_index(parts)
-    write_json(staging / METADATA, {
-        "format": FORMAT, "version": VERSION, "step": 0, "consumed_samples": 0,
-        "layout": {"tensor": tensor, "data": 1, "world_size": tensor, "shard_optimizer": False, "device": "cpu"},
-        "model": model, "optimizer": {"state": False, "param_groups": []}, "scheduler": None, "precision": None,
-        "rng": {"files": []}, "files": files, "tensors": tensors, "config": {"model": model},
-        "source": {"huggingface": str(Path(hf_dir).resolve())}, "torch": torch.__version__,
-    })
-    commit(root, staging, "step_00000000", 0)
-    return root
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mtlm.convert", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("to-hf", help="mtlm checkpoint -> transformers GPT2LMHeadModel folder")
-    p.add_argument("checkpoint", help="a checkpoint folder (its latest) or one step_* folder")
-    p.add_argument("out_dir")
-    p = sub.add_parser("from-hf", help="transformers GPT2LMHeadModel folder -> mtlm checkpoint folder")
-    p.add_argument("hf_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree to write the shards for")
-    from mtlm.interop.cli import add_commands, add_tokenizer_options, open_tokenizer
-
-    add_tokenizer_options(p)
-    add_commands(sub)  # from-megatron, to-megatron, from-deepspeed
-    args = parser.parse_args(argv)
-    try:
-        if hasattr(args, "run"):
-            print(f"wrote {args.run(args)}")
-        elif args.command == "to-hf":
-            print(f"wrote {to_hf(args.checkpoint, args.out_dir)}")
-        else:
-            print(f"wrote {from_hf(args.hf_dir, args.out_dir, args.tensor, open_tokenizer(args))}")
-    except (CheckpointError, DataError) as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return write_checkpoint(out_dir, model, full, tensor, {"huggingface": str(Path(hf_dir).resolve())},
+                            tokenizer_metadata(tokenizer, vocab, str(hf_dir)))

@@ -1,0 +1,5 @@
+import sys
+
+from mtlm.convert.cli import main
+
+sys.exit(main())
