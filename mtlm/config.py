@@ -19,7 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from mtlm.plan.schema import ClusterConfig, PlanConfig
+from mtlm.plan.schema import ClusterConfig, PlanConfig, check_not_in_train
 
 
 class ConfigError(ValueError):
@@ -233,6 +233,7 @@ def _positive(cfg: Any, key: str) -> None:
 
 def validate(cfg: Any, world_size: int | None = None) -> None:
     """Check everything a type cannot. `world_size` is the number of ranks a launcher provides, if any."""
+    check_not_in_train(cfg)  # cluster / plan: python -m mtlm.plan's groups (it validates a copy without them)
     m, p, t = cfg.model, cfg.parallel, cfg.trainer
     for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
                 "model.max_position_embeddings", "parallel.tensor", "parallel.data", "trainer.max_steps",

@@ -289,7 +289,7 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, use_wandb: 
     both = add_predictions(rows, jobs, base.summary["tflops_per_device"])  # plans next to measured jobs
     shown = title + (f" ({label})" if (label := title_note(jobs)) else "")  # a sweep of plans only says so
     write_csv(rows, root / "scaling.csv", CSV_FIELDS + (PREDICTED_FIELDS if both else ()))
-    markdown = markdown_table(rows, failed, note, shown) + ("\n".join(markdown_extra(rows)[1:]) + "\n" if both else "")
+    markdown = markdown_table(rows, failed, note, shown) + ("\n".join(markdown_extra(rows)) + "\n" if both else "")
     (root / "scaling.md").write_text(markdown, encoding="utf-8")
     if rows:
         plot(rows, root / "scaling.png", shown, base.summary["tflops_per_device"], "predicted" if label else "measured")

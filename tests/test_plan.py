@@ -101,6 +101,8 @@ def test_bad_input_is_one_line() -> None:
     assert "1024 devices" in err and "has 512" in err and "\n" not in err
     assert compose_error(CONF, ["trainer.max_steps=0"], "plan", validate_plan) == compose_error(
         CONF, ["trainer.max_steps=0"])  # what train.py rejects, plan rejects the same way
+    # train.py reads no cluster: adding one there is an error, not a silently ignored setting
+    assert compose_error(CONF, ["+cluster=dgx2h_v100"]).startswith("config error: cluster: is python -m mtlm.plan's")
 
 
 def test_a_config_that_does_not_fit_says_by_how_much() -> None:
@@ -163,3 +165,30 @@ def test_plan_sweep_report_matches_single_plans(tmp_path: Path) -> None:
     header = (sweep / "scaling.csv").read_text().splitlines()[0]
     assert "predicted_tokens_per_s" in header and "prediction_error" in header
     assert math.isclose(report.rows[1]["predicted_scaling_efficiency"], plans[1]["tflops_per_device"] / 39.0)
+
+
+def test_cpu_local_from_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cpu_local's nulls come from this machine's probe (faked here: 2 cores, gloo at 1 GB/s and 100 us per
+    ring step); without a measured calibration point the plan asks for one in one line."""
+    from mtlm.config import ConfigError
+    from mtlm.plan import probe
+
+    monkeypatch.setattr(probe, "cores", lambda: 2)
+    monkeypatch.setattr(probe, "ram_gb", lambda: 16.0)
+    monkeypatch.setattr(probe, "gemm_tflops_per_core", lambda dt: {"fp32": 0.1, "bf16": 0.001, "fp16": 0.001}[dt])
+    monkeypatch.setattr(probe, "gloo_allreduce", lambda: {"bw_gbps": 1.0, "step_latency_us": 100.0})
+    monkeypatch.setattr(probe, "calibration", lambda cal, measure, steps: None)
+    with pytest.raises(ConfigError, match="plan.calibrate=true"):
+        make_plan(plan_config("+experiment=weak_scaling_cpu", "scale=cpu_t2"))
+
+    monkeypatch.setattr(probe, "calibration", lambda cal, measure, steps: {"tflops_per_device": 0.05, "command": "x"})
+    plan = make_plan(plan_config("+experiment=weak_scaling_cpu", "scale=cpu_t2"))
+    assert plan["devices"] == 2 and plan["threads_per_device"] == 1 and plan["peak_tflops_per_device"] == 0.1
+    # t = 2, b·s·h = 8 x 256 x 320 fp32 values: per layer 2 forward + 2 backward all-reduces of 2,621,440 bytes,
+    # the ends 2 more, the loss 3 of 8 x 256 x 4 bytes; a ring of 2 sends each once, in 2 steps of 100 us.
+    bsh = 8 * 256 * 320 * 4
+    volume = (4 * 6 + 2) * bsh + 3 * 8 * 256 * 4
+    assert plan["tensor_parallel_bytes_per_step"] == volume
+    assert plan["step_time_parts_s"]["tensor_parallel"] == pytest.approx(volume / 1e9 + (4 * 6 + 2 + 3) * 200e-6)
+    with pytest.raises(ConfigError, match="has 2"):
+        make_plan(plan_config("+experiment=weak_scaling_cpu", "scale=cpu_t4"))

@@ -32,6 +32,7 @@ def validate_plan(cfg: Any, world_size: int | None = None) -> None:
         raise ConfigError("cluster", "pick one: cluster=dgx2h_v100 | dgx_a100 | dgx_h100 | cpu_local")
     copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     OmegaConf.set_struct(copy, False)
+    copy.cluster, copy.plan = None, None  # train.py's validate() refuses them: they are this app's
     if cfg.cluster.device != "cpu":
         copy.trainer.device = "auto"  # planning a GPU cluster from a CPU machine is the point
     validate(copy, cfg.parallel.tensor * cfg.parallel.data)

@@ -79,6 +79,13 @@ def collectives_bytes(collectives: list[Collective], ranks: int) -> float:
     return sum(c.count * ring_allreduce_bytes_per_device(c.nbytes, ranks) for c in collectives)
 
 
+def data_parallel_bandwidth(intra_bw_gbps: float, node_bw_gbps: float, groups_per_node: int) -> float:
+    """GB/s of a data-parallel ring that spans nodes: NCCL's rings each cross a node boundary once per channel,
+    spread over the node's NICs, so a ring can use the node's whole network bandwidth, shared by the groups
+    all-reducing at the same time (`groups_per_node`), and never faster than the link inside the node."""
+    return min(intra_bw_gbps, node_bw_gbps / groups_per_node)
+
+
 def achievable_fraction(model_tflops: float, model_flops: float, hardware_flops: float, peak_tflops: float) -> float:
     """eta: the fraction of peak the hardware ran at in the calibration point. Its `model_tflops` counts
     model FLOPs (as mtlm reports them); the hardware executed `hardware_flops` in the same time."""

@@ -137,9 +137,11 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     # Data-parallel: the fp32 gradients of this rank, overlapped with the last micro-batch's backward.
     grad_bytes = mem["grads"]
     spans_nodes = devices > cluster["devices_per_node"]
-    if spans_nodes:  # every device of a node all-reduces at once: they share the node's network
-        dp_link = (cluster["inter_node_bw_gbps"] / cluster["devices_per_node"], cluster["inter_node_step_latency_us"],
-                   cluster["collective_base_latency_us"])
+    if spans_nodes:  # the node's network is shared by the data-parallel groups with members on it (one per
+        # tensor rank, Fig. 8); each ring crosses a node boundary once per channel, so one group alone gets all of it
+        groups = min(p.tensor, cluster["devices_per_node"])
+        dp_link = (perf.data_parallel_bandwidth(cluster["intra_node_bw_gbps"], cluster["inter_node_bw_gbps"], groups),
+                   cluster["inter_node_step_latency_us"], cluster["collective_base_latency_us"])
     else:
         dp_link = intra
     dp_s = perf.ring_allreduce_time(grad_bytes, p.data, *dp_link)

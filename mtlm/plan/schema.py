@@ -61,3 +61,13 @@ class PlanConfig:
     calibration_steps: int = 12  # steps of that run (its first `timing_warmup_steps` are not timed)
     # torch DDP's default gradient bucket (bucket_cap_mb=25): the last bucket's all-reduce is never hidden.
     ddp_bucket_mb: float = 25.0
+
+
+def check_not_in_train(cfg: object) -> None:
+    """train.py reads neither group: `+cluster=...` or `+plan.x=...` there would be a silently ignored setting."""
+    from mtlm.config import ConfigError
+
+    for key in ("cluster", "plan"):
+        if getattr(cfg, "get", lambda k: None)(key) is not None:
+            raise ConfigError(key, "is python -m mtlm.plan's (docs/planner.md); train.py does not read it: drop it, or "
+                              "run python -m mtlm.plan with the same overrides")
