@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -58,15 +59,25 @@ def gpt2_like_files(folder: Path) -> TokenizerSpec:
 
 
 def bench_preprocess(text: Path, specs: dict[str, TokenizerSpec], workers: list[int], out: Path) -> list[dict]:
+    """MB/s of text (wall clock, worker start-up included) and the CPU seconds all processes spent: on shared
+    cores the wall clock says how busy the machine was, the CPU time what the work costs."""
     rows = []
     for name, spec in specs.items():
         for n in workers:
+            before = _cpu_seconds()
             s = preprocess([str(text)], str(out / f"{name}-w{n}"), spec, workers=n, force=True, quiet=True)
+            cpu = _cpu_seconds() - before
             rows.append({"tokenizer": name, "vocab": s["tokenizer"]["vocab_size"], "workers": n,
-                         "mb_per_s": s["mb_per_s"], "seconds": s["seconds"], "tokens": s["tokens"]})
+                         "mb_per_s": s["mb_per_s"], "seconds": s["seconds"], "cpu_s": cpu, "tokens": s["tokens"]})
             print(f"preprocess {name:13s} workers={n}: {s['mb_per_s']:.2f} MB/s ({s['input_bytes'] / 1e6:.1f} MB, "
-                  f"{s['seconds']:.1f} s, {s['tokens']:,} tokens)", flush=True)
+                  f"{s['seconds']:.1f} s wall, {cpu:.1f} CPU s = {s['input_bytes'] / 1e6 / cpu:.2f} MB per CPU s, "
+                  f"{s['tokens']:,} tokens)", flush=True)
     return rows
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def bench_batches(prefix: str, seq: int, batch: int, steps: int, cache: str) -> dict[str, float]:
