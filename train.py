@@ -35,16 +35,20 @@ def _quiet_non_main_rank() -> None:
 
 
 def _check_overrides() -> None:
-    """Bad keys, types and presets: one line and exit 2, instead of Hydra's multi-line report."""
-    args = sys.argv[1:]
-    if any(a.startswith("-") for a in args):  # --help, -m (sweep syntax), --cfg ...: leave to Hydra
+    """Bad keys, types and presets: one line and exit 2, instead of Hydra's multi-line report. A multirun is
+    checked job by job (as the basic sweeper expands it) before Hydra makes a sweep dir."""
+    args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
+    if any(a.startswith("-") for a in args):  # --help, --cfg ...: leave to Hydra
         return
     from mtlm.config import compose_error
+    from mtlm.config_checks import sweep_jobs
 
-    error = compose_error(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"), args)
-    if error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
+    jobs = sweep_jobs(args) if len(args) < len(sys.argv) - 1 else [args]
+    for job in jobs:
+        error = compose_error(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"), job)
+        if error:
+            print(error, file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -177,13 +177,16 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    # A stable folder named after the model, relative to the launch dir (not Hydra's timestamped run dir), so
-    # a later invocation finds it. One folder holds one run's timeline: a fresh run replaces what is there.
-    dir: str = "checkpoints/${model.name}"
+    # checkpoints/<model.name>-<shape digest>, relative to the launch dir (not Hydra's timestamped run dir), so a
+    # later invocation finds it; in a multirun, the job's dir (mtlm/config_checks.py). One folder holds one
+    # run's timeline: a fresh run moves another run's checkpoints into <dir>/earlier/ (mtlm/train/timeline.py).
+    dir: str = "${mtlm.checkpoint_dir:}"
     save: bool = True
     interval: int = 0  # save every `interval` steps; 0: only at the end. The end of a run always saves.
     keep: int = 2  # the newest `keep` checkpoints stay on disk
     resume: str = "none"  # none | auto (the latest in `dir`, if any) | a checkpoint path
+    # true: delete another timeline's checkpoints found in `dir` (before this run starts) instead of moving them.
+    overwrite: bool = False
 
 
 @dataclass
@@ -205,6 +208,9 @@ class Config:
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
     OmegaConf.register_new_resolver("mtlm.sweep_group", _sweep_group, replace=True)
+    from mtlm.config_checks import default_checkpoint_dir
+
+    OmegaConf.register_new_resolver("mtlm.checkpoint_dir", default_checkpoint_dir, replace=True)
 
 
 def _sweep_group() -> str | None:
@@ -234,6 +240,9 @@ def _positive(cfg: Any, key: str) -> None:
 def validate(cfg: Any, world_size: int | None = None) -> None:
     """Check everything a type cannot. `world_size` is the number of ranks a launcher provides, if any."""
     check_not_in_train(cfg)  # cluster / plan: python -m mtlm.plan's groups (it validates a copy without them)
+    from mtlm.config_checks import check as check_keys_and_modes
+
+    check_keys_and_modes(cfg)  # keys the schema lacks (added with +/++), logger.mode
     m, p, t = cfg.model, cfg.parallel, cfg.trainer
     for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
                 "model.max_position_embeddings", "parallel.tensor", "parallel.data", "trainer.max_steps",
@@ -389,6 +398,10 @@ def compose_error(config_dir: str, overrides: list[str], config_name: str = "con
         from mtlm.data.text_tokenizer import legacy_override_message
 
         if (line := legacy_override_message(overrides)) is not None:
+            return f"config error: {line}"
+        from mtlm.config_checks import unknown_key_message
+
+        if (line := unknown_key_message(err)) is not None:
             return f"config error: {line}"
         parts = [str(err)] + ([str(err.__cause__)] if err.__cause__ else [])
         lines = [ln.strip() for part in parts for ln in part.splitlines() if ln.strip()]

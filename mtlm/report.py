@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,13 +236,42 @@ def sweep_group_name(sweep_dir: str | Path) -> str:
     return "/".join(parts[-2:])
 
 
+# What the last W&B report run of a sweep was, so that making the report again replaces it (not a second
+# run of the same name in the group): its offline folder, or its online path (entity/project/id).
+WANDB_RECORD = "scaling_wandb.json"
+
+
+def _replace_earlier_report(sweep_dir: Path) -> str | None:
+    """Delete the report run an earlier report of this sweep recorded; returns what it deleted, or None."""
+    try:
+        earlier = json.loads((sweep_dir / WANDB_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    folder = Path(earlier.get("offline_dir") or "")
+    if earlier.get("offline_dir") and folder.is_dir() and sweep_dir.resolve() in folder.resolve().parents:
+        shutil.rmtree(folder)  # an offline run we wrote into this sweep dir: `wandb sync` would upload both
+        return str(folder)
+    if earlier.get("path"):
+        import wandb
+
+        try:  # an uploaded run: W&B's API deletes it (needs the network and the run's project access)
+            wandb.Api().run(earlier["path"]).delete()
+            return f"W&B run {earlier['path']}"
+        except Exception as err:  # the new report is still written; say what is left to do
+            print(f"warning: could not delete the earlier report run {earlier['path']} ({type(err).__name__}: "
+                  f"{err}); delete it in the W&B UI", file=sys.stderr, flush=True)
+    return None
+
+
 def log_to_wandb(rows: list[dict[str, Any]], sweep_dir: Path, group: str, baseline_note: str,
                  project: str = "mtlm", mode: str | None = None) -> str:
-    """One more run in the sweep's group (job_type "report"): the table, and efficiency vs devices."""
+    """One more run in the sweep's group (job_type "report"): the table, and efficiency vs devices. It
+    replaces the report run an earlier call made for this sweep dir."""
     import wandb
 
     from mtlm.metrics.sinks import wandb_mode
 
+    replaced = _replace_earlier_report(sweep_dir)
     settings = wandb.Settings(console="off", disable_git=True, x_disable_stats=True, silent=True,
                               reinit="finish_previous")
     run = wandb.init(project=project, group=group, job_type="report", name=f"report {group}", dir=str(sweep_dir),
@@ -261,10 +291,15 @@ def log_to_wandb(rows: list[dict[str, Any]], sweep_dir: Path, group: str, baseli
         run.summary.update({"devices_max": largest["devices"], "scaling_efficiency_at_max": largest[
             "scaling_efficiency"], "pflops_at_max": largest["pflops"]})
         run_dir = run.dir
+        offline = run.settings.mode in ("offline", "dryrun")
+        record = {"offline_dir": str(Path(run_dir).parent) if offline else None,
+                  "path": None if offline or run.settings.mode == "disabled" else run.path}
     finally:
         run.finish()
         wandb.teardown()  # as in metrics/sinks.py: returns once the offline .wandb file is flushed
-    return run_dir
+    (sweep_dir / WANDB_RECORD).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    where = record["offline_dir"] or record["path"] or "disabled"
+    return f"{where}" + (f" (replaces {replaced})" if replaced else "")
 
 
 @dataclass
@@ -273,6 +308,12 @@ class Report:
     failed: list[Job]
     baseline: Job
     markdown: str
+    wandb_run: str | None = None  # the W&B report run written (its offline folder or online path), if any
+
+    def written(self, sweep_dir: str | Path) -> str:
+        """The line saying what was written where (the callback and the CLI both end with it)."""
+        files = ", ".join(["scaling.csv", "scaling.md"] + (["scaling.png"] if self.rows else []))
+        return f"written: {sweep_dir}/{{{files}}}" + (f"; W&B report run: {self.wandb_run}" if self.wandb_run else "")
 
 
 def write_report(sweep_dir: str | Path, baseline: str | None = None, use_wandb: bool = True,
@@ -293,10 +334,12 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, use_wandb: 
     (root / "scaling.md").write_text(markdown, encoding="utf-8")
     if rows:
         plot(rows, root / "scaling.png", shown, base.summary["tflops_per_device"], "predicted" if label else "measured")
+    wandb_run = None
     if use_wandb and rows:
         groups = {j.summary.get("wandb_group") for j in jobs if j.ok} - {None}
-        log_to_wandb(rows, root, group or (groups.pop() if len(groups) == 1 else title), note, project, mode)
-    return Report(rows, failed, base, markdown)
+        wandb_run = log_to_wandb(rows, root, group or (groups.pop() if len(groups) == 1 else title), note, project,
+                                 mode)
+    return Report(rows, failed, base, markdown, wandb_run)
 
 
 class ScalingReportCallback(Callback):
@@ -320,7 +363,7 @@ class ScalingReportCallback(Callback):
             print(f"scaling report failed: {type(err).__name__}: {err}; retry with "
                   f"`python -m mtlm.report {sweep_dir}`", file=sys.stderr, flush=True)
             return
-        print(f"\n{report.markdown}\nwritten: {sweep_dir}/scaling.csv, scaling.md, scaling.png", flush=True)
+        print(f"\n{report.markdown}\n{report.written(sweep_dir)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"report error: {err}", file=sys.stderr)
         return 2
-    print(report.markdown, end="")
+    print(report.markdown)
+    print(report.written(args.sweep_dir))
     return 0
 
 

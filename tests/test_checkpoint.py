@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,10 +170,13 @@ def test_latest_pointer_rotation_and_timeline(tmp_path: Path) -> None:
         save_checkpoint(root, step, 8 * step, ParallelState(), model, opt, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006", "step_00000008"]
     assert json.loads((root / "latest").read_text()) == {"step": 8, "dir": "step_00000008"}
-    # A fresh run (or one resumed from an earlier step) saving step 4 starts a new timeline: 6 and 8 go.
+    # Saving below the newest (another timeline, which train.py refuses before launch unless
+    # checkpoint.overwrite=true deletes it first) deletes nothing newer: only the rotation below the step.
     save_checkpoint(root, 4, 32, ParallelState(), model, opt, keep=2)
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004", "step_00000006", "step_00000008"]
     assert latest_checkpoint(root).name == "step_00000004"
+    for stale in ("step_00000006", "step_00000008"):
+        shutil.rmtree(root / stale)
     # Saving a step that exists replaces it; a stale half-written save of another step is cleaned up.
     (root / ".tmp-step_00000009").mkdir()
     save_checkpoint(root, 4, 32, ParallelState(), model, opt, keep=2)

@@ -38,6 +38,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "scaling report failed" not in proc.stderr, proc.stderr[-3000:]
+    (tmp / "stdout.txt").write_text(proc.stdout)
     return sweep_dir
 
 
@@ -134,3 +135,22 @@ def test_wandb_job_runs_and_report_run(sweep: Path) -> None:
     eff = table["columns"].index("scaling_efficiency")
     assert [row[eff] for row in table["data"]] == pytest.approx([p["scaling/efficiency"] for p in points])
     assert run["summary"]["scaling_efficiency_at_max"] == pytest.approx(points[-1]["scaling/efficiency"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sweep_last_line_and_report_made_again_replaces_its_wandb_run(sweep: Path, capsys) -> None:
+    """Each job ends with its run dir, the sweep with its sweep dir (after the report); `python -m mtlm.report`
+    made again replaces the W&B report run instead of adding a second one to the group, and says so."""
+    from mtlm import report
+
+    out = (sweep.parent.parent / "stdout.txt").read_text().strip().splitlines()
+    assert out[-1].startswith("sweep dir: weak_scaling_cpu/sweep | 2 jobs ok, 0 failed | lowest val_loss "), out[-3:]
+    assert sum(line.startswith("run dir: ") for line in out) == 2
+    before = sorted((sweep / "wandb").glob("offline-run-*"))
+    assert len(before) == 1 and f"W&B report run: {before[0]}" in out[-2]
+    assert report.main([str(sweep)]) == 0
+    after = sorted((sweep / "wandb").glob("offline-run-*"))
+    assert len(after) == 1 and after != before
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"written: {sweep}/{{scaling.csv, scaling.md, scaling.png}}; W&B report run: {after[0]} (replaces {before[0]})")

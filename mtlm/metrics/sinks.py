@@ -124,8 +124,15 @@ class JsonlSink:
 
 
 def wandb_mode(cfg_mode: str | None) -> str:
-    """The config wins, then $WANDB_MODE, then offline: W&B never needs an account or network by default."""
-    return cfg_mode or os.environ.get("WANDB_MODE") or "offline"
+    """The config wins, then $WANDB_MODE, then offline: W&B never needs an account or network by default.
+
+    A blank $WANDB_MODE (set but empty) counts as unset, and is removed from the environment: wandb reads the
+    variable itself and rejects an empty one with a traceback, whatever mode it is given."""
+    env = os.environ.get("WANDB_MODE")
+    if env is not None and not env.strip():
+        del os.environ["WANDB_MODE"]
+        env = None
+    return cfg_mode or env or "offline"
 
 
 class WandbSink:

@@ -16,6 +16,7 @@ from mtlm.data import DataError, build_data, prepare_data
 from mtlm.parallel.launch import RankEnv, launch, rank_device, threads_per_rank
 from mtlm.parallel.state import ParallelState
 from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
+from mtlm.train.outcome import error_line, final_line, record_failure
 from mtlm.train.reshard import METADATA, CheckpointError
 
 
@@ -44,6 +45,7 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
             cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size)
     except (ConfigError, DataError, CheckpointError) as err:
         kind = {ConfigError: "config", DataError: "data"}.get(type(err), "checkpoint")
+        record_failure(out_dir, f"{kind} error: {err}")  # a multirun / torchrun job: Hydra made the dir already
         print(f"{kind} error: {err}", file=sys.stderr)
         sys.exit(2)
     from mtlm.plan.planner import precision_warning
@@ -59,9 +61,16 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
         # A checkpoint that passed the checks above but fails to read inside a rank: still one line.
         line = str(err).strip().splitlines()[-1]
         if not isinstance(err, CheckpointError) and "CheckpointError: " not in line:
+            record_failure(out_dir, error_line(err))
             raise
+        record_failure(out_dir, f"checkpoint error: {line.split('CheckpointError: ', 1)[-1]}")
         print(f"checkpoint error: {line.split('CheckpointError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
+    except BaseException as err:  # summary.json says why, whichever rank failed and however early
+        record_failure(out_dir, error_line(err))
+        raise
+    if out_dir is not None:  # the last line: where the run went (Hydra's dir), its numbers, its checkpoint
+        print(final_line(out_dir, cfg_dict["checkpoint"]), flush=True)
 
 
 def _checkpoint_id(directory: str) -> tuple[str, int] | None:

@@ -1,7 +1,7 @@
 """Checkpoints that survive crashes, resume exactly and reshard: every rank writes its own shards, rank 0
 commits them with one atomic rename.
 
-checkpoint.dir (default `checkpoints/<model.name>`, relative to where train.py is started):
+checkpoint.dir (default `checkpoints/<model.name>-<shape digest>`, relative to where train.py is started):
 
     latest                     {"step": 20, "dir": "step_00000020"}, replaced by an atomic rename
     step_00000010/ ...         older checkpoints, the newest `checkpoint.keep` are kept
@@ -15,8 +15,8 @@ checkpoint.dir (default `checkpoints/<model.name>`, relative to where train.py i
 A save: every rank writes and fsyncs its file into .tmp-step_N; rank 0 gathers the index, writes and fsyncs
 metadata.json, renames the folder to step_N, then moves `latest` (write latest.tmp, fsync, rename, fsync the
 folder). A crash at any moment leaves `latest` naming a complete checkpoint. A folder holds one run's
-timeline: after a commit, checkpoints newer than the one just saved (left by an earlier run, or by the
-timeline this run branched from) are deleted, and of the rest the newest `keep` stay.
+timeline (train/timeline.py moves another aside before launch): after a commit, of the checkpoints up to the one just
+saved the newest `keep` stay.
 
 Resume is bit-exact on CPU in fp32 with the same layout and thread count: parameters, Adam moments and
 step counts, lr and scheduler position, loss scale, both RNG streams of every rank (restored last, after
@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from mtlm.train.reshard import (
     step_dirs,
     write_json,
 )
+from mtlm.train.timeline import claim_folder
 
 MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")
 
@@ -105,15 +105,12 @@ def check_before_launch(cfg: Any, vocab_size: Callable[[], int | None]) -> str:
     bad checkpoint is one line here instead of a traceback from a spawned rank. Returns "none" or a path."""
     ck = getattr(cfg, "checkpoint", None)
     target = resume_target(ck)
-    if target is None:
-        if ck is not None and ck.resume == "none" and ck.save and step_dirs(Path(ck.dir)):
-            print(f"note: {ck.dir} holds checkpoints of an earlier run; this run starts fresh "
-                  "(checkpoint.resume=none) and replaces them when it first saves", file=sys.stderr)
-        return "none"
-    meta = read_metadata(target)
-    check_shard_headers(target, meta)
-    check_compatible(meta, cfg.model, vocab_size(), target)
-    return str(target.resolve())
+    if target is not None:
+        meta = read_metadata(target)
+        check_shard_headers(target, meta)
+        check_compatible(meta, cfg.model, vocab_size(), target)
+    claim_folder(ck, target)  # another timeline in checkpoint.dir: moved aside (deleted on checkpoint.overwrite)
+    return "none" if target is None else str(target.resolve())
 
 
 # ---- saving ----------------------------------------------------------------------------------------------
@@ -241,9 +238,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, consumed_samples: int, s
 
 
 def _rotate(root: Path, step: int, keep: int) -> None:
-    """Keep the newest `keep` checkpoints up to `step`; newer ones belong to another timeline."""
+    """Keep the newest `keep` checkpoints up to `step`. Newer ones belong to another timeline: never deleted
+    here (train.py moves it aside before launch, or deletes it on checkpoint.overwrite=true)."""
     dirs = step_dirs(root)
-    stale = [p for s, p in dirs if s > step] + [p for s, p in dirs if s <= step][:-keep]
+    stale = [p for s, p in dirs if s <= step][:-keep]
     leftovers = [p for p in root.iterdir() if p.name.startswith((".tmp-step_", ".trash-step_"))]
     for path in stale + leftovers:
         shutil.rmtree(path, ignore_errors=True)
