@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from mtlm.api import model_config
 from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
+from mtlm.files import respect_umask
 from mtlm.train.reshard import (
     METADATA,
     CheckpointError,
@@ -95,6 +96,7 @@ def to_hf(meta: dict, tensors: dict[str, torch.Tensor], step_dir: Path, out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
+    respect_umask(out / "model.safetensors")  # safetensors creates it 0600; exports are meant to be shared
     config = {
         "architectures": ["MegatronBertForPreTraining"], "model_type": "megatron-bert",
         "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
