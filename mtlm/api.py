@@ -21,13 +21,13 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from mtlm.checkpoint.format import ShardReader, find_checkpoint, read_metadata
 from mtlm.config import ModelConfig
 from mtlm.model.bert import BERT
 from mtlm.model.build import build_model
 from mtlm.model.gpt import GPT
 from mtlm.parallel.state import ParallelState
 from mtlm.train.checkpoint import load_weights
-from mtlm.train.reshard import ShardReader, find_checkpoint, read_metadata
 
 
 class LanguageModel(nn.Module):

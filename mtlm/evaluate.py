@@ -27,9 +27,9 @@ register_eval_configs()
 
 
 def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> None:
+    from mtlm.checkpoint.format import read_metadata
     from mtlm.eval.loading import autocast, load_gpt
     from mtlm.eval.tasks import evaluate_lambada, evaluate_wikitext
-    from mtlm.train.reshard import read_metadata
 
     cfg = OmegaConf.create(cfg_dict)
     e = cfg.eval

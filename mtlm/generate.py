@@ -28,10 +28,10 @@ register_eval_configs()
 
 
 def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> None:
+    from mtlm.checkpoint.format import read_metadata
     from mtlm.data.text_tokenizer import tokenizer_from_entry
     from mtlm.eval.generation import Sampling, generate
     from mtlm.eval.loading import autocast, load_gpt
-    from mtlm.train.reshard import read_metadata
 
     cfg = OmegaConf.create(cfg_dict)
     g = cfg.generate

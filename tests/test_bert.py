@@ -14,13 +14,13 @@ import torch
 
 from mtlm import load_model
 from mtlm.api import MaskedLanguageModel
+from mtlm.checkpoint.format import CheckpointError
 from mtlm.convert import main, to_hf
 from mtlm.data.bert import IGNORE, MaskedLMDataset, SpecialIds, chunk_documents, document_bounds
 from mtlm.model.bert import BERT, num_parameters
 from mtlm.parallel import ParallelState
 from mtlm.parallel.random import seed_streams
 from mtlm.train.checkpoint import save_checkpoint
-from mtlm.train.reshard import CheckpointError
 from tests.test_model import _preset
 
 

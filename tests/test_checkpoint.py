@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mtlm.checkpoint.format import CheckpointError, ShardReader, check_shard_headers, read_metadata
 from mtlm.model.gpt import GPT
 from mtlm.parallel import ParallelState, gather_last_dim
 from mtlm.parallel.random import seed_streams
@@ -25,7 +26,6 @@ from mtlm.train.checkpoint import (
     save_checkpoint,
 )
 from mtlm.train.optim import build_optimizer
-from mtlm.train.reshard import CheckpointError, ShardReader, check_shard_headers, read_metadata
 from tests.distributed import run_ranks
 
 VOCAB = 300  # padded to 384 at t=1 and 512 at t=2 / t=4: the stored rows must not depend on the degree

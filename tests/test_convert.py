@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from mtlm import load_model
+from mtlm.checkpoint.format import CheckpointError, read_metadata
 from mtlm.convert import from_hf, main, to_hf
 from mtlm.model.gpt import GPT
 from mtlm.parallel import ParallelState
 from mtlm.train.checkpoint import save_checkpoint
-from mtlm.train.reshard import CheckpointError, read_metadata
 
 VOCAB = 300  # not a multiple of 128: mtlm pads it, HF does not
 CFG = SimpleNamespace(name="t", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16,

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from mtlm import load_model
+from mtlm.checkpoint.format import CheckpointError, read_metadata
 from mtlm.convert import main
 from mtlm.convert.deepspeed import from_deepspeed
 from mtlm.convert.writer import read_checkpoint
 from mtlm.model.alibi import alibi_causal_bias, alibi_slopes, local_slopes
-from mtlm.train.reshard import CheckpointError, read_metadata
 from tests.bloom_layouts import HEADS, VOCAB, random_bloom, write_deepspeed
 
 SEQ = 24
@@ -158,10 +158,10 @@ def _logits_at_degree(state, paths: list[str], ids: torch.Tensor) -> list[torch.
     """Each converted checkpoint run at this process group's tensor degree, logits gathered over the vocab
     (BERT: its masked-LM logits, then its sentence-order logits)."""
     from mtlm.api import model_config
+    from mtlm.checkpoint.format import find_checkpoint
     from mtlm.model.build import build_model
     from mtlm.parallel.mappings import gather_last_dim
     from mtlm.train.checkpoint import restore_checkpoint
-    from mtlm.train.reshard import find_checkpoint
 
     out = []
     for path in paths:

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from mtlm import load_model
+from mtlm.checkpoint.format import CheckpointError, read_metadata
 from mtlm.convert import main
 from mtlm.convert.megatron import from_megatron, qkv_to_mtlm
 from mtlm.convert.megatron_export import to_megatron
 from mtlm.convert.pickles import UnsafeCheckpointError, safe_load
 from mtlm.convert.writer import read_checkpoint
-from mtlm.train.reshard import CheckpointError, read_metadata
 from tests.megatron_layouts import (
     HEADS,
     POSITIONS,

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from mtlm import load_model
+from mtlm.checkpoint.format import read_metadata
 from mtlm.convert import main
 from mtlm.convert.megatron import from_megatron
 from mtlm.convert.megatron_export import to_megatron
 from mtlm.convert.pickles import safe_load
 from mtlm.convert.writer import read_checkpoint
-from mtlm.train.reshard import read_metadata
 from tests.megatron_layouts import HEADS, POSITIONS, VOCAB, random_megatron_bert, write_megatron_bert
 
 

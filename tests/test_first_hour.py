@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from mtlm import load_model
+from mtlm.checkpoint.format import latest_checkpoint, read_metadata
 from mtlm.config import ConfigError, compose_error, validate
 from mtlm.config_checks import closest_key, shape_digest
-from mtlm.train.reshard import latest_checkpoint, read_metadata
 from mtlm.train.timeline import claim_folder
 from tests.compose import CONF, SMALL_MODEL, compose_config
 

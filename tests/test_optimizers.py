@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtlm.checkpoint.format import ShardReader, read_metadata
 from mtlm.parallel import ParallelState
 from mtlm.parallel.random import seed_streams
 from mtlm.train.checkpoint import latest_checkpoint, load_weights, restore_checkpoint, save_checkpoint
 from mtlm.train.optim import build_optimizer, optimizer_factory
-from mtlm.train.reshard import ShardReader, read_metadata
 from tests.distributed import run_ranks
 from tests.test_checkpoint import VOCAB, _cfg, _full, _ids
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtlm import load_model
-from mtlm.train.reshard import ShardReader, latest_checkpoint, read_metadata
+from mtlm.checkpoint.format import ShardReader, latest_checkpoint, read_metadata
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mtlm.checkpoint.format import CheckpointError
 from mtlm.convert.writer import read_checkpoint, tokenizer_metadata, write_checkpoint
 from mtlm.files import respect_umask
-from mtlm.train.reshard import CheckpointError
 
 # mtlm's per-layer module -> BLOOM's (Hugging Face and Megatron-DeepSpeed use the same layer names).
 LAYER_NAMES = {"ln1": "input_layernorm", "attn.qkv": "self_attention.query_key_value",

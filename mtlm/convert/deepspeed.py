@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
+from mtlm.checkpoint.format import CheckpointError
 from mtlm.convert import bloom
 from mtlm.convert.pickles import safe_load
 from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
 from mtlm.parallel.state import ParallelState
-from mtlm.train.reshard import CheckpointError
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
 FIRST_LAYER = 3  # layer_03 is block 0

@@ -27,6 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mtlm.api import model_config
+from mtlm.checkpoint.format import (
+    METADATA,
+    CheckpointError,
+    ShardReader,
+    find_checkpoint,
+    read_metadata,
+)
 from mtlm.convert.bloom import from_hf_bloom, is_bloom, is_bloom_model, to_hf_bloom
 from mtlm.convert.hf_bert import BERT_TARGET
 from mtlm.convert.hf_bert import from_hf as bert_from_hf
@@ -34,13 +41,6 @@ from mtlm.convert.hf_bert import to_hf as bert_to_hf
 from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
 from mtlm.files import respect_umask
 from mtlm.model.build import model_target
-from mtlm.train.reshard import (
-    METADATA,
-    CheckpointError,
-    ShardReader,
-    find_checkpoint,
-    read_metadata,
-)
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 # mtlm name suffix -> HF name suffix, for the per-layer tensors whose layout is the same (or a transpose).

@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import save_file
 
 from mtlm.api import model_config
-from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
-from mtlm.files import respect_umask
-from mtlm.train.reshard import (
+from mtlm.checkpoint.format import (
     METADATA,
     CheckpointError,
 )
+from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
+from mtlm.files import respect_umask
 
 BERT_TARGET = "mtlm.model.bert.BERT"
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}

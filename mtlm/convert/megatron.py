@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from mtlm.api import model_config
+from mtlm.checkpoint.format import PADDED_VOCAB, CheckpointError
 from mtlm.convert.megatron_files import rank_files
 from mtlm.convert.pickles import safe_load
 from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
 from mtlm.parallel.layers import pad_vocab_size
 from mtlm.parallel.state import ParallelState
-from mtlm.train.reshard import PADDED_VOCAB, CheckpointError
 
 # mtlm's per-layer module name -> (Megatron 1.x name, Megatron 2.x name). 2.x renamed attention only.
 LAYER_NAMES = {

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
+from mtlm.checkpoint.format import PADDED_VOCAB, CheckpointError
 from mtlm.convert.megatron import BERT_TARGET, LAYER_NAMES, MEGATRON_TOKENIZERS
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.writer import read_checkpoint
 from mtlm.parallel.layers import pad_vocab_size
-from mtlm.train.reshard import PADDED_VOCAB, CheckpointError
 
 # mtlm name -> (nested dicts under `model`, key in the innermost one), as Megatron-LM's
 # state_dict_for_save_checkpoint nests them: embeddings one dict per module, the encoder and heads flat.

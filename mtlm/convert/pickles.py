@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlm.train.reshard import CheckpointError
+from mtlm.checkpoint.format import CheckpointError
 
 
 class UnsafeCheckpointError(CheckpointError):

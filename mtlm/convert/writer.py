@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from mtlm.api import model_config
-from mtlm.parallel.state import ParallelState
-from mtlm.train.reshard import (
+from mtlm.checkpoint.format import (
     FORMAT,
     METADATA,
     PADDED_VOCAB,
@@ -34,6 +33,7 @@ from mtlm.train.reshard import (
     read_metadata,
     write_json,
 )
+from mtlm.parallel.state import ParallelState
 
 ModelBuilder = Callable[[Any, int, ParallelState], nn.Module]
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
+from mtlm.checkpoint.format import CheckpointError
 from mtlm.config import ConfigError
 from mtlm.data import DataError
 from mtlm.parallel.launch import RankEnv, rank_device, threads_per_rank
 from mtlm.parallel.state import ParallelState
-from mtlm.train.reshard import CheckpointError
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 BAD_INPUT = (ConfigError, DataError, CheckpointError)

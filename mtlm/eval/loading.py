@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from mtlm.api import model_config
+from mtlm.checkpoint.format import CheckpointError, ShardReader, check_shard_headers, find_checkpoint, read_metadata
 from mtlm.data import DataError
 from mtlm.data.text_tokenizer import TextTokenizer, check_spec, tokenizer_from_entry, tokenizer_spec
 from mtlm.data.text_tokenizer import load_tokenizer as load_tokenizer_spec
 from mtlm.model.gpt import GPT
 from mtlm.parallel.state import ParallelState
 from mtlm.train.checkpoint import load_weights
-from mtlm.train.reshard import CheckpointError, ShardReader, check_shard_headers, find_checkpoint, read_metadata
 
 GPT_TARGET = "mtlm.model.gpt.GPT"
 

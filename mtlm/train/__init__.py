@@ -11,13 +11,13 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+from mtlm.checkpoint.format import METADATA, CheckpointError
 from mtlm.config import ConfigError, env_world_size, validate
 from mtlm.data import DataError, build_data, prepare_data
 from mtlm.parallel.launch import RankEnv, launch, rank_device, threads_per_rank
 from mtlm.parallel.state import ParallelState
 from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
 from mtlm.train.outcome import error_line, final_line, record_failure
-from mtlm.train.reshard import METADATA, CheckpointError
 
 
 def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:

@@ -39,10 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtlm.parallel import random as rng
-from mtlm.parallel.state import ParallelState
-from mtlm.train.optim_state import read_state, state_slice
-from mtlm.train.reshard import (
+from mtlm.checkpoint.format import (
     FORMAT,
     METADATA,
     VERSION,
@@ -60,6 +57,9 @@ from mtlm.train.reshard import (
     step_dirs,
     write_json,
 )
+from mtlm.parallel import random as rng
+from mtlm.parallel.state import ParallelState
+from mtlm.train.optim_state import read_state, state_slice
 from mtlm.train.timeline import claim_folder
 
 MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")

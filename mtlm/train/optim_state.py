@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from mtlm.train.reshard import ShardReader, Slice
+from mtlm.checkpoint.format import ShardReader, Slice
 
 
 def _is_partial(value_shape: tuple[int, ...], param_shape: tuple[int, ...], dim: int) -> bool:

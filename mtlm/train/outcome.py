@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mtlm.train.reshard import latest_checkpoint
+from mtlm.checkpoint.format import latest_checkpoint
 
 
 def error_line(err: BaseException) -> str:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtlm.train.reshard import STEP_DIR, latest_checkpoint, step_dirs, write_json
+from mtlm.checkpoint.format import STEP_DIR, latest_checkpoint, step_dirs, write_json
 
 
 def other_timeline(root: Path, start: Path | None) -> list[Path]:
