@@ -105,9 +105,10 @@ class SchedulerConfig:
 
 @dataclass
 class TokenizerConfig:
-    # sentencepiece | gpt2 | wordpiece (mtlm/data/text_tokenizer.py).
+    # sentencepiece | gpt2 | wordpiece | tokenizer.json (mtlm/data/text_tokenizer.py).
     type: str = "sentencepiece"
     # sentencepiece: a .model file; None trains a BPE model (data.vocab_size pieces) on the corpus and caches it.
+    # tokenizer.json: that file (any Hugging Face fast tokenizer: BLOOM's).
     model: str | None = None
     # gpt2: vocab.json + merges.txt (GPT-2's byte-level BPE, as NVIDIA ships with Megatron); wordpiece: vocab.txt.
     vocab_file: str | None = None

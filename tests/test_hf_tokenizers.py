@@ -83,6 +83,14 @@ def test_tokenizer_json_matches_transformers(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="padded to a multiple of 128 x 4"):
         check_vocab(ours, 384, 128, 4, "x")
     check_vocab(ours, 512, 128, 4, "x")
+    # As the training data's tokenizer (data.tokenizer.type=tokenizer.json, the file as data.tokenizer.model).
+    from mtlm.data.text_tokenizer import check_spec, load_tokenizer, tokenizer_spec
+
+    spec = tokenizer_spec({"type": "tokenizer.json", "model": str(tmp_path / "tokenizer.json")})
+    check_spec(spec)
+    assert load_tokenizer(spec).encode(TEXT) == ids and spec.files() == [str(tmp_path / "tokenizer.json")]
+    with pytest.raises(DataError, match="data.tokenizer.model: data.tokenizer.type=tokenizer.json needs it"):
+        check_spec(tokenizer_spec({"type": "tokenizer.json"}))
 
 
 def test_bad_tokenizer_files_are_one_line(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
     data.tokenizer.type=sentencepiece  data.tokenizer.model=FILE.model   # or model=null: train one on the corpus
     data.tokenizer.type=gpt2           data.tokenizer.vocab_file=vocab.json data.tokenizer.merge_file=merges.txt
     data.tokenizer.type=wordpiece      data.tokenizer.vocab_file=vocab.txt  # BERT's (its [SEP] ends documents)
+    data.tokenizer.type=tokenizer.json data.tokenizer.model=tokenizer.json  # any Hugging Face fast tokenizer (BLOOM)
 
 Every tokenizer offers the `TextTokenizer` protocol below; the data pipeline, the BERT samples, evaluation and
 the converters use nothing else. Before this file, `data.tokenizer` was the path of a sentencepiece model; the
@@ -18,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from mtlm.data.errors import DataError
 
-TOKENIZER_TYPES = ("sentencepiece", "gpt2", "wordpiece")
+TOKENIZER_TYPES = ("sentencepiece", "gpt2", "wordpiece", "tokenizer.json")
 
 
 @runtime_checkable
@@ -101,7 +102,8 @@ def tokenizer_spec(node: Any) -> TokenizerSpec:
 
 def check_spec(spec: TokenizerSpec) -> None:
     """Cheap checks (stat only): the files each type needs are given and exist, and no stray one is set."""
-    needs = {"sentencepiece": (), "gpt2": ("vocab_file", "merge_file"), "wordpiece": ("vocab_file",)}[spec.type]
+    needs = {"sentencepiece": (), "gpt2": ("vocab_file", "merge_file"), "wordpiece": ("vocab_file",),
+             "tokenizer.json": ("model",)}[spec.type]
     allowed = {"sentencepiece": ("model",)}.get(spec.type, needs)
     for key in ("model", "vocab_file", "merge_file"):
         value = getattr(spec, key)
@@ -110,7 +112,7 @@ def check_spec(spec: TokenizerSpec) -> None:
         if value is not None and key not in allowed:
             raise DataError(f"data.tokenizer.{key}: not used by data.tokenizer.type={spec.type}; remove it")
         if value is not None and not os.path.isfile(value):
-            hint = " (or null to train one on the corpus)" if key == "model" else ""
+            hint = " (or null to train one on the corpus)" if key == "model" and spec.type == "sentencepiece" else ""
             raise DataError(f"data.tokenizer.{key}: file not found: {value}{hint}")
 
 
@@ -124,6 +126,10 @@ def load_tokenizer(spec: TokenizerSpec) -> TextTokenizer:
         from mtlm.data.hf_tokenizers import WordPieceTokenizer
 
         return WordPieceTokenizer(spec.vocab_file)
+    if spec.type == "tokenizer.json":
+        from mtlm.data.hf_tokenizers import JsonTokenizer
+
+        return JsonTokenizer(spec.model)
     if spec.model is None:
         raise DataError("data.tokenizer.model: no sentencepiece model given (null trains one from raw text, "
                         "which token files are not)")
