@@ -61,18 +61,18 @@ def test_relative_bias_gives_blooms_attention_probabilities() -> None:
 
 
 def test_bloom_presets_parameter_counts() -> None:
-    from mtlm.convert.megatron import _preset
+    from mtlm.convert.megatron import read_preset
     from mtlm.model.build import build_model
     from mtlm.parallel import ParallelState
 
     expected = {"bloom_560m": 559_214_592, "bloom_1b1": 1_065_314_304}
     for name, count in expected.items():
-        cfg = _preset_config(_preset(name))
+        cfg = _preset_config(read_preset(name))
         model = build_model(cfg, cfg.vocab_size, ParallelState(), device="meta")
         assert sum(p.numel() for p in model.parameters()) == count == model.num_parameters(), name
         assert model.wpe is None and model.ln_emb is not None
     for name in ("bloom_1b7", "bloom_3b", "bloom_7b1"):
-        spec = _preset(name)
+        spec = read_preset(name)
         assert spec["vocab_size"] == 250_880 and spec["seq_length"] == 2048 and spec["position_embedding"] == "alibi"
 
 

@@ -196,12 +196,12 @@ def test_bad_layouts_are_named(hf, tmp_path: Path) -> None:
 def test_345m_layout_parameter_count() -> None:
     from types import SimpleNamespace
 
-    from mtlm.convert.megatron import _preset
+    from mtlm.convert.megatron import read_preset
     from mtlm.model.gpt import GPT
     from mtlm.parallel import ParallelState
 
     cfg = SimpleNamespace(**{"make_vocab_size_divisible_by": 128, "layernorm_eps": 1e-5, "init_std": 0.02,
-                             **_preset("gpt2_345m")})
+                             **read_preset("gpt2_345m")})
     for vocab in (50257, 50304):  # the real GPT-2 vocabulary, or the release's padded rows kept as they are
         gpt = GPT(cfg, vocab, ParallelState(), device="meta")
         assert sum(p.numel() for p in gpt.parameters()) == 354_871_296 == gpt.num_parameters()

@@ -109,7 +109,7 @@ def from_deepspeed(src: str | Path, out_dir: str | Path, tensor: int = 1, preset
                    num_attention_heads: int | None = None, tokenizer: Any = None) -> Path:
     """Import a Megatron-DeepSpeed BLOOM checkpoint as an mtlm checkpoint at tensor degree `tensor`.
     Heads cannot be read off the tensors: give `preset` (e.g. bloom_560m) or `num_attention_heads`."""
-    from mtlm.convert.megatron import _preset
+    from mtlm.convert.megatron import read_preset
 
     folder = step_folder(Path(src))
     ranks, layers = _layer_tensors(folder)
@@ -118,7 +118,7 @@ def from_deepspeed(src: str | Path, out_dir: str | Path, tensor: int = 1, preset
         raise CheckpointError(f"{label}: no word embeddings or final layer norm among the layer files")
     hidden = ranks[0]["ln_f.weight"].shape[0]
     rows = ranks[0]["wte.weight"].shape[0] * len(ranks)
-    spec = _preset(preset) if preset else {}
+    spec = read_preset(preset) if preset else {}
     heads = num_attention_heads or spec.get("num_attention_heads")
     if heads is None:
         raise CheckpointError(f"{label}: the number of attention heads is not in the layer files: pass "

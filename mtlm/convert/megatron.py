@@ -117,7 +117,8 @@ def _check_args(args: Any, label: str) -> None:
             raise CheckpointError(f"{label}: args.{key}={getattr(args, key)!r}: mtlm's GPT-2 needs {fine!r}")
 
 
-def _preset(name: str) -> dict:
+def read_preset(name: str) -> dict:
+    """conf/model/NAME.yaml as a dict (what a file without args cannot say: heads, sequence length, ...)."""
     from omegaconf import OmegaConf
 
     path = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml"
@@ -175,8 +176,7 @@ def join_ranks(ranks: list[dict[str, torch.Tensor]], version: float, heads: int,
 
 def _real_vocab(rows: int, saved_tensor: int, divisible: int, tokenizer: Any, args: Any, label: str) -> int:
     """The real vocabulary size: the tokenizer's, else args.vocab_size, else every row (said on stderr)."""
-    if tokenizer is not None:
-        tokenizer_metadata(tokenizer, rows, label, divisible, saved_tensor)  # checks it fits, or one line
+    if tokenizer is not None:  # its fit was checked by tokenizer_metadata
         return tokenizer.vocab_size
     size = getattr(args, "vocab_size", None)
     if size is None:
@@ -234,7 +234,7 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
     for needed in ("wte.weight", "wpe.weight", "ln_f.weight"):
         if needed not in first:
             raise CheckpointError(f"{label}: no {needed.split('.')[0]} tensor: not a GPT-2 or BERT checkpoint")
-    spec = _preset(preset) if preset else {}
+    spec = read_preset(preset) if preset else {}
     heads = getattr(args, "num_attention_heads", None) or num_attention_heads or spec.get("num_attention_heads")
     if heads is None:
         raise CheckpointError(f"{label}: no args in the file, so the number of attention heads is unknown: pass "
@@ -255,6 +255,7 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
               file=sys.stderr)
         full["sop_head.weight"] = torch.zeros(2, model["hidden_size"])
         full["sop_head.bias"] = torch.zeros(2)
+    extra = tokenizer_metadata(tokenizer, rows, label, model["make_vocab_size_divisible_by"], len(ranks))
     vocab = _real_vocab(rows, len(ranks), model["make_vocab_size_divisible_by"], tokenizer, args, label)
     for name in PADDED_VOCAB:
         if name in full:
@@ -262,5 +263,4 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
     model["vocab_size"] = vocab
     source = {"megatron": str(Path(src).resolve()), "iteration": info["iteration"],
               "checkpoint_version": version, "tensor": len(ranks)}
-    extra = tokenizer_metadata(tokenizer, rows, label, model["make_vocab_size_divisible_by"], len(ranks))
     return write_checkpoint(out_dir, model, full, tensor, source, extra)
