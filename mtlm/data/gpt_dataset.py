@@ -66,12 +66,11 @@ class TokenFileDataset:
 
     def __init__(self, indexed: IndexedDataset, lo: int, hi: int, seq_length: int, seed: int, split: str,
                  cache_root: str) -> None:
-        self.indexed, self.split = indexed, split
+        self.indexed, self.split, self.lo, self.hi = indexed, split, int(lo), int(hi)
         self.tokens = indexed.tokens
         self.seq_length, self.seed = int(seq_length), int(seed)
-        self.document_bounds = indexed.document_bounds()[lo:hi]
-        self._lengths = self.document_bounds[:, 1] - self.document_bounds[:, 0]
-        total = int(self._lengths.sum())
+        first, end = indexed.token_starts(indexed.doc_idx[[self.lo, self.hi]])
+        total = int(end - first)
         self.num_samples = max(0, (total - 1) // self.seq_length)
         if self.num_samples <= 0:
             raise too_small(f"{split} split of {indexed.prefix}", total, seq_length,
@@ -86,6 +85,11 @@ class TokenFileDataset:
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def document_bounds(self) -> np.ndarray:
+        """[documents, 2] (start, stop) into `tokens` of this split's documents, in file order."""
+        return self.indexed.document_bounds(self.lo, self.hi)
+
     def epoch_index(self, epoch: int) -> tuple[np.ndarray, ...]:
         """(doc_order, sample_idx, shuffle) of `epoch`: memory-mapped from the cache, built and saved if absent
         (atomically, so ranks building the same epoch at once write identical files)."""
@@ -96,7 +100,8 @@ class TokenFileDataset:
         if all(os.path.exists(p) for p in paths):
             got = tuple(np.load(p, mmap_mode="r") for p in paths)
         else:
-            got = build_epoch(self._lengths, self.seq_length, self.seed, epoch)
+            bounds = self.document_bounds
+            got = build_epoch(bounds[:, 1] - bounds[:, 0], self.seq_length, self.seed, epoch)
             if epoch > 0 and self.num_samples < CACHE_LATER_EPOCHS:  # quick to rebuild: keep the folder tidy
                 return self._keep(epoch, got)
             try:
@@ -115,14 +120,14 @@ class TokenFileDataset:
     def samples(self, positions: np.ndarray) -> np.ndarray:
         """[len(positions), seq_length + 1] tokens of the samples at these global positions."""
         out = np.empty((len(positions), self.seq_length + 1), dtype=np.int64)
-        bounds = self.document_bounds
+        span = self.indexed.document_span
         for row, position in enumerate(np.asarray(positions, dtype=np.int64)):
             epoch, within = divmod(int(position), self.num_samples)
             doc_order, sample_idx, shuffle = self.epoch_index(epoch)
             j, offset = (int(v) for v in sample_idx[shuffle[within]])
             filled = 0
             while filled <= self.seq_length:  # walk on into the next documents of the epoch's order
-                start, stop = bounds[doc_order[j]]
+                start, stop = span(self.lo + int(doc_order[j]))
                 take = min(int(stop - start) - offset, self.seq_length + 1 - filled)
                 out[row, filled: filled + take] = self.tokens[start + offset: start + offset + take]
                 filled, j, offset = filled + take, j + 1, 0
@@ -136,7 +141,7 @@ class TokenFileDataset:
 
     def __repr__(self) -> str:
         return (f"TokenFileDataset({self.indexed.prefix!r}, split={self.split!r}, documents="
-                f"{len(self.document_bounds)}, num_samples={self.num_samples}, seed={self.seed})")
+                f"{self.hi - self.lo}, num_samples={self.num_samples}, seed={self.seed})")
 
 
 def blend_pattern(weights: np.ndarray, block: int = BLEND_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -163,9 +163,13 @@ def read_header(idx_path: str) -> tuple[np.dtype, int, int]:
 class IndexedDataset:
     """A PREFIX.bin / PREFIX.idx pair, memory-mapped and checked (header, version, sizes against .bin).
 
-    `tokens` is the whole .bin as one 1-D array; sequence i is tokens[starts[i] : starts[i] + sizes[i]] and
-    document d spans sequences doc_idx[d] .. doc_idx[d+1] - 1, which lie back to back in .bin.
+    `tokens` is the whole .bin as one 1-D array; sequence i is tokens[p : p + sizes[i]] with p = pointers[i] /
+    itemsize, and document d spans sequences doc_idx[d] .. doc_idx[d+1] - 1, which lie back to back in .bin.
+    Nothing proportional to the corpus is held in memory: a corpus of 10^8 documents costs each rank no more
+    than the memory maps (the checks read the index once, in chunks).
     """
+
+    CHUNK = 1 << 22  # index entries per step of the one-pass checks
 
     def __init__(self, prefix: str) -> None:
         self.prefix = os.path.abspath(os.path.expanduser(prefix))
@@ -175,27 +179,58 @@ class IndexedDataset:
                 raise DataError(f"data.paths: {path} not found (a token-file prefix needs both PREFIX.bin and "
                                 "PREFIX.idx)")
         self.dtype, n, d = read_header(self.idx_path)
+        self.itemsize = self.dtype.itemsize
         index = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
         off = HEADER_BYTES
         self.sizes = index[off: off + 4 * n].view(np.int32)
         self.pointers = index[off + 4 * n: off + 12 * n].view(np.int64)
         self.doc_idx = index[off + 12 * n: off + 12 * n + 8 * d].view(np.int64)
-        itemsize = self.dtype.itemsize
-        # One int64 pass over the lengths: the token offset of every sequence, used by all reads below.
-        self.starts = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(self.sizes, dtype=np.int64, out=self.starts[1:])
+        self.num_tokens = self._check_sequences()
         bin_bytes = os.path.getsize(self.bin_path)
-        if bin_bytes != self.starts[-1] * itemsize:
+        if bin_bytes != self.num_tokens * self.itemsize:
             raise DataError(f"data.paths: {self.bin_path} has {bin_bytes} bytes but {self.idx_path} describes "
-                            f"{self.starts[-1]} tokens x {itemsize} bytes: the pair does not match; {_HINT}")
-        if n and (np.any(self.sizes < 0) or not np.array_equal(self.pointers, self.starts[:-1] * itemsize)):
-            raise DataError(f"data.paths: {self.idx_path}: sequence pointers are not the running sum of the "
-                            f"sequence lengths (a corrupt or foreign index); {_HINT}")
-        if d < 1 or self.doc_idx[0] != 0 or self.doc_idx[-1] != n or np.any(np.diff(self.doc_idx) < 0):
-            raise DataError(f"data.paths: {self.idx_path}: document indices must rise from 0 to the sequence count "
-                            f"{n}; {_HINT}")
+                            f"{self.num_tokens} tokens x {self.itemsize} bytes: the pair does not match; {_HINT}")
+        self._check_documents()
         self.tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r") if bin_bytes
                        else np.empty(0, dtype=self.dtype))
+
+    def _check_sequences(self) -> int:
+        """Every pointer is the running sum of the lengths before it (the sequences lie back to back, which the
+        samples rely on); returns the token count."""
+        total = 0
+        for a in range(0, len(self.sizes), self.CHUNK):
+            sizes = self.sizes[a: a + self.CHUNK].astype(np.int64)
+            ends = total + np.cumsum(sizes)
+            if np.any(sizes < 0) or not np.array_equal(self.pointers[a: a + self.CHUNK],
+                                                       (ends - sizes) * self.itemsize):
+                raise DataError(f"data.paths: {self.idx_path}: sequence pointers are not the running sum of the "
+                                f"sequence lengths (a corrupt or foreign index); {_HINT}")
+            total = int(ends[-1])
+        return total
+
+    def _check_documents(self) -> None:
+        n, d = len(self.sizes), len(self.doc_idx)
+        ok = d >= 1 and self.doc_idx[0] == 0 and self.doc_idx[-1] == n
+        for a in range(0, d - 1, self.CHUNK):
+            ok = ok and not np.any(np.diff(self.doc_idx[a: a + self.CHUNK + 1]) < 0)
+        if not ok:
+            raise DataError(f"data.paths: {self.idx_path}: document indices must rise from 0 to the sequence count "
+                            f"{n}; {_HINT}")
+
+    def token_starts(self, sequences: np.ndarray | int) -> np.ndarray:
+        """The token offset in `tokens` of each given sequence index (the sequence count n gives the end)."""
+        seq = np.asarray(sequences, dtype=np.int64)
+        inside = seq < len(self.sizes)
+        out = np.full(seq.shape, self.num_tokens, dtype=np.int64)
+        out[inside] = self.pointers[seq[inside]] // self.itemsize
+        return out
+
+    def document_span(self, d: int) -> tuple[int, int]:
+        """(start, stop) of document d in `tokens` (scalar arithmetic: the sample reader's inner loop)."""
+        first, end = int(self.doc_idx[d]), int(self.doc_idx[d + 1])
+        n = len(self.sizes)
+        start = int(self.pointers[first]) // self.itemsize if first < n else self.num_tokens
+        return start, (int(self.pointers[end]) // self.itemsize if end < n else self.num_tokens)
 
     def __len__(self) -> int:
         """The number of sequences (Megatron's convention)."""
@@ -205,21 +240,21 @@ class IndexedDataset:
     def num_documents(self) -> int:
         return len(self.doc_idx) - 1
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.starts[-1])
-
     def __getitem__(self, i: int) -> np.ndarray:
         """The tokens of sequence i (a read-only view into the memory map)."""
-        return self.tokens[self.starts[i]: self.starts[i + 1]]
+        start = int(self.pointers[i]) // self.itemsize
+        return self.tokens[start: start + int(self.sizes[i])]
 
-    def document_bounds(self) -> np.ndarray:
-        """[documents, 2] int64: (start, stop) token positions of each document in `tokens`."""
-        return np.stack([self.starts[self.doc_idx[:-1]], self.starts[self.doc_idx[1:]]], axis=1)
+    def document_bounds(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """[hi - lo, 2] int64: (start, stop) token positions in `tokens` of documents lo .. hi - 1 (all by default)."""
+        hi = self.num_documents if hi is None else hi
+        return np.stack([self.token_starts(self.doc_idx[lo:hi]), self.token_starts(self.doc_idx[lo + 1: hi + 1])],
+                        axis=1)
 
     def get_document(self, d: int) -> np.ndarray:
         """All tokens of document d (its sequences joined; with --append-eod the last one is the eod)."""
-        return self.tokens[self.starts[self.doc_idx[d]]: self.starts[self.doc_idx[d + 1]]]
+        start, stop = self.document_span(d)
+        return self.tokens[start: stop]
 
     def document_sequences(self, d: int) -> list[np.ndarray]:
         """Document d's sequences (sentences, for corpora preprocessed with sentence splitting)."""
