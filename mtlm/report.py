@@ -332,6 +332,7 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, use_wandb: 
     write_csv(rows, root / "scaling.csv", CSV_FIELDS + (PREDICTED_FIELDS if both else ()))
     markdown = markdown_table(rows, failed, note, shown) + ("\n".join(markdown_extra(rows)) + "\n" if both else "")
     (root / "scaling.md").write_text(markdown, encoding="utf-8")
+    note = f"{note}; {label}" if label else note  # the W&B report run's config says it too
     if rows:
         plot(rows, root / "scaling.png", shown, base.summary["tflops_per_device"], "predicted" if label else "measured")
     wandb_run = None
