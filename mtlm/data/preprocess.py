@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
@@ -86,6 +87,18 @@ def _jobs(paths: list[str]) -> Iterator[tuple[str, bool, list[tuple[int, bytes]]
                 yield path, False, batch
 
 
+def _in_order(pool: Any, jobs: Iterator, window: int) -> Iterator:
+    """The workers' results in input order, with at most `window` jobs in flight: Pool.imap would read the whole
+    corpus ahead into its task queue."""
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.apply_async(_encode, (job,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 class Progress:
     """One status line (documents, tokens, MB/s), redrawn in place on a terminal, every 10 s in a log."""
 
@@ -139,7 +152,7 @@ def preprocess(inputs: list[str], prefix: str, spec: TokenizerSpec, json_key: st
     try:
         if pool is None:
             _init(*init_args)
-        results = pool.imap(_encode, _jobs(paths)) if pool else map(_encode, _jobs(paths))
+        results = _in_order(pool, _jobs(paths), 4 * workers) if pool else map(_encode, _jobs(paths))
         with IndexedWriter(prefix, dtype) as writer:
             for flat, lengths, bad_lines, nbytes in results:
                 for where, key, what in bad_lines:
