@@ -59,6 +59,17 @@ def test_optimizer_state_bytes() -> None:
     assert sizing.optimizer_state_bytes("adafactor", shapes) == 4 * (4 + 3) + 4 + 4 * 3 + 4  # row + col; full
 
 
+@pytest.mark.parametrize("order", ["pre", "post"])
+def test_analytic_count_follows_bloom_choices(order: str) -> None:
+    """ALiBi has no position table and BLOOM adds an embedding layer norm: the analytic count must agree with
+    the meta-device model for them too (at tensor 2, so the split is exercised)."""
+    cfg = plan_config("model=bloom_560m", "model.num_layers=2", "model.hidden_size=64",
+                      "model.num_attention_heads=4", "model.vocab_size=1000", "parallel.tensor=2",
+                      f"model.layernorm_order={order}")
+    rank = sizing.size_rank(cfg.model, 1000, 2)
+    assert sizing.analytic_params_per_rank(cfg.model, rank.padded_vocab_size, 2) == rank.params_per_rank
+
+
 def test_sizing_and_volumes_of_the_paper_8_3b() -> None:
     """8.3B (Table 1) at tensor 8 x data 64: per layer (12h^2 + 7h)/8 + 6h = 14,176,896 parameters on a rank;
     x 72 layers + 51,200/8 x 3,072 (vocabulary) + 1,024 x 3,072 (positions) + 2 x 3,072 (final LN)."""

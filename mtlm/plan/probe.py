@@ -130,14 +130,20 @@ def gloo_allreduce() -> dict:
 # ---- the calibration run ---------------------------------------------------------------------------------
 
 
+def calibration_ranks(cal: Any) -> int:
+    return int(cal.ranks) if cal.ranks else cores()
+
+
 def calibration_overrides(cal: Any, steps: int) -> list[str]:
-    """train.py overrides that run the calibration point's shape on one rank."""
+    """train.py overrides that run the calibration point's shape on `calibration_ranks` ranks at once."""
+    ranks = calibration_ranks(cal)
     return [f"model.num_layers={cal.num_layers}", f"model.hidden_size={cal.hidden_size}",
             f"model.num_attention_heads={cal.num_attention_heads}", f"model.seq_length={cal.seq_length}",
             f"model.max_position_embeddings={cal.seq_length}", f"model.vocab_size={cal.vocab_size}",
-            f"trainer.micro_batch_size={cal.batch}", f"trainer.global_batch_size={cal.batch}",
+            f"model.dropout={cal.dropout}", f"trainer.micro_batch_size={cal.batch}",
+            f"trainer.global_batch_size={cal.batch * ranks}",
             f"trainer.activation_checkpointing={str(cal.recompute).lower()}", f"precision={cal.precision}",
-            f"trainer.num_threads={cal.threads}", "trainer.device=cpu", "parallel.tensor=1", "parallel.data=1",
+            f"trainer.num_threads={cal.threads}", "trainer.device=cpu", "parallel.tensor=1", f"parallel.data={ranks}",
             f"trainer.max_steps={steps}", "trainer.timing_warmup_steps=3", "trainer.eval_interval=100000",
             "trainer.eval_iters=1", f"trainer.log_interval={steps}", "logger=none", "checkpoint.save=false",
             "model.name=plan_calibration"]
@@ -161,7 +167,8 @@ def measure_calibration(cal: Any, steps: int) -> dict:
 
 def calibration_key(cal: Any) -> str:
     return (f"calibration|l{cal.num_layers}h{cal.hidden_size}a{cal.num_attention_heads}s{cal.seq_length}"
-            f"v{cal.vocab_size}b{cal.batch}|{cal.precision}|rc{int(cal.recompute)}|th{cal.threads}")
+            f"v{cal.vocab_size}b{cal.batch}d{cal.dropout}|{cal.precision}|rc{int(cal.recompute)}|th{cal.threads}"
+            f"|r{calibration_ranks(cal)}")
 
 
 def calibration(cal: Any, measure: bool, steps: int) -> dict | None:

@@ -30,6 +30,10 @@ class CalibrationPoint:
     recompute: bool = False
     precision: str = "fp16"
     threads: int = 1  # CPU: threads of the calibration rank
+    dropout: float = 0.0  # the run's model.dropout (on a CPU the dropout masks cost ~10% of a step)
+    # Ranks running the shape at once, data-parallel (one micro-batch of `batch` each); null: every core of
+    # the node. A GPU's rate does not depend on its neighbours (1); a CPU core's does (docs/planner.md).
+    ranks: int | None = 1
     tflops_per_device: float | None = None
 
 
@@ -58,7 +62,7 @@ class ClusterConfig:
 class PlanConfig:
     # Measure the calibration point here (cpu_local only): a short train.py run, cached per CPU and torch.
     calibrate: bool = False
-    calibration_steps: int = 12  # steps of that run (its first `timing_warmup_steps` are not timed)
+    calibration_steps: int = 20  # steps of that run (its first `timing_warmup_steps` are not timed)
     # torch DDP's default gradient bucket (bucket_cap_mb=25): the last bucket's all-reduce is never hidden.
     ddp_bucket_mb: float = 25.0
 

@@ -44,9 +44,14 @@ def size_rank(model_cfg: Any, vocab_size: int, tensor: int) -> RankSizing:
 
 
 def analytic_params_per_rank(model_cfg: Any, padded_vocab: int, tensor: int) -> int:
-    """GPT-2's count from mtlm/metrics/memory.py (§3's split), to cross-check the meta-device count."""
-    return memory.parameters_per_device(model_cfg.num_layers, model_cfg.hidden_size, padded_vocab,
-                                        model_cfg.max_position_embeddings, tensor)
+    """GPT-2's count from mtlm/metrics/memory.py (§3's split), to cross-check the meta-device count; with
+    BLOOM's choices (mtlm/model/gpt.py): no position table under ALiBi, and a second replicated layer norm
+    when an embedding norm comes on top of pre-LN's final one (post-LN swaps the final norm for it)."""
+    h = model_cfg.hidden_size
+    alibi = model_cfg.get("position_embedding", "learned") == "alibi"
+    extra_norm = bool(model_cfg.get("embedding_layernorm", False)) and model_cfg.get("layernorm_order", "pre") == "pre"
+    return memory.parameters_per_device(model_cfg.num_layers, h, padded_vocab,
+                                        0 if alibi else model_cfg.max_position_embeddings, tensor) + 2 * h * extra_norm
 
 
 # ---- optimizer state ------------------------------------------------------------------------------------
