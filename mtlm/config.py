@@ -240,10 +240,10 @@ def _positive(cfg: Any, key: str) -> None:
 
 def validate(cfg: Any, world_size: int | None = None) -> None:
     """Check everything a type cannot. `world_size` is the number of ranks a launcher provides, if any."""
-    check_not_in_train(cfg)  # cluster / plan: python -m mtlm.plan's groups (it validates a copy without them)
     from mtlm.config_checks import check as check_keys_and_modes
 
     check_keys_and_modes(cfg)  # keys the schema lacks (added with +/++), logger.mode
+    check_not_in_train(cfg)  # cluster / plan: python -m mtlm.plan's groups (it validates a copy without them)
     m, p, t = cfg.model, cfg.parallel, cfg.trainer
     for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
                 "model.max_position_embeddings", "parallel.tensor", "parallel.data", "trainer.max_steps",
@@ -396,13 +396,13 @@ def compose_error(config_dir: str, overrides: list[str], config_name: str = "con
     except ConfigError as err:
         return f"config error: {err}"
     except (HydraException, OmegaConfBaseException) as err:
-        from mtlm.data.text_tokenizer import legacy_override_message
-
-        if (line := legacy_override_message(overrides)) is not None:
-            return f"config error: {line}"
         from mtlm.config_checks import unknown_key_message
 
         if (line := unknown_key_message(err)) is not None:
+            return f"config error: {line}"
+        from mtlm.data.text_tokenizer import legacy_override_message
+
+        if (line := legacy_override_message(overrides)) is not None:
             return f"config error: {line}"
         parts = [str(err)] + ([str(err.__cause__)] if err.__cause__ else [])
         lines = [ln.strip() for part in parts for ln in part.splitlines() if ln.strip()]
