@@ -40,8 +40,7 @@ def _check_overrides() -> None:
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     if any(a.startswith("-") for a in args):  # --help, --cfg ...: leave to Hydra
         return
-    from mtlm.config import compose_error
-    from mtlm.config_checks import sweep_jobs
+    from mtlm.config_checks import compose_error, sweep_jobs
 
     jobs = sweep_jobs(args) if len(args) < len(sys.argv) - 1 else [args]
     for job in jobs:

@@ -107,9 +107,12 @@ def unknown_key_line(key: str, where: str = "", schema: Any = None) -> str:
 
 def check_known_keys(cfg: DictConfig, schema: Any = None) -> None:
     """Raise ConfigError for the first key the schema (default: train.py's) does not define, with the closest
-    valid key. Another app (mtlm.evaluate, mtlm.generate) passes its own root dataclass."""
+    valid key. Another app (mtlm.evaluate, mtlm.generate) passes its own root dataclass. Only a composed
+    config (DictConfig) is checked: any other object holds no added keys."""
     from mtlm.config import ConfigError
 
+    if not isinstance(cfg, DictConfig):
+        return
     extra = unknown_keys(cfg, schema)
     if extra:
         raise ConfigError(extra[0], unknown_key_line(extra[0], schema=schema))
@@ -167,9 +170,83 @@ def check_logger_mode(cfg: Any) -> None:
 
 def check(cfg: Any) -> None:
     """validate()'s share from this module: unknown keys first (a typo explains any later complaint)."""
-    if isinstance(cfg, DictConfig):
-        check_known_keys(cfg)
+    check_known_keys(cfg)
     check_logger_mode(cfg)
+
+
+def compose_error(config_dir: str, overrides: list[str], config_name: str = "config", check: Any = None,
+                  schema: Any = None) -> str | None:
+    """Compose and validate the config the way train.py will; any complaint as one line (None if fine).
+    `config_name` / `check` / `schema`: another app's root config, validate function and root dataclass
+    (mtlm.evaluate, mtlm.generate, mtlm.plan).
+
+    Hydra reports a bad override or unknown preset over several lines; users get this single line instead,
+    before Hydra makes an output dir or anything is launched.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mtlm.config import ConfigError, env_world_size, register_configs, validate
+
+    register_configs()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=config_dir, job_name="check"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+        (check or validate)(cfg, env_world_size())
+    except ConfigError as err:
+        return f"config error: {err}"
+    except AssertionError:
+        # OmegaConf.update asserts, naming no key, when an override sets a key inside a null node.
+        line = null_section_message(overrides, config_name, schema)
+        if line is None:
+            raise
+        return f"config error: {line}"
+    except (HydraException, OmegaConfBaseException) as err:
+        if (line := unknown_key_message(err, schema)) is not None:
+            return f"config error: {line}"
+        from mtlm.data.text_tokenizer import legacy_override_message
+
+        if (line := legacy_override_message(overrides)) is not None:
+            return f"config error: {line}"
+        return "config error: " + _hydra_lines(err)
+    return None
+
+
+def _hydra_lines(err: BaseException) -> str:
+    """Hydra's report (and its cause) folded to one line, without its search path and type noise."""
+    parts = [str(err)] + ([str(err.__cause__)] if err.__cause__ else [])
+    lines = [ln.strip() for part in parts for ln in part.splitlines() if ln.strip()]
+    if any(ln.startswith("Config search path") for ln in lines):
+        lines = lines[: next(i for i, ln in enumerate(lines) if ln.startswith("Config search path"))]
+    if any(ln.startswith("Available options") for ln in lines):
+        i = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+        lines = lines[:i] + [lines[i].rstrip(":").replace("Available", "available") + ": " + ", ".join(lines[i + 1:])]
+    lines = [ln for ln in lines if not ln.startswith(("reference_type", "object_type", "Set the env"))]
+    return "; ".join(lines)
+
+
+def null_section_message(overrides: list[str], config_name: str = "config", schema: Any = None) -> str | None:
+    """The one line for an override such as `+cluster.foo=1` that sets a key inside a section that is null
+    in this config (train.py's `cluster` and `plan`), or None when no override does."""
+    if schema is None:
+        from mtlm.config import Config
+
+        schema = Config
+    hints = typing.get_type_hints(schema)
+    nullable = {f.name for f in dataclasses.fields(schema)
+                if f.default is None and _dataclass_in(hints.get(f.name)) is not None}
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        section = key.split(".", 1)[0]
+        if "." not in key or section not in nullable:
+            continue
+        if config_name == "config" and section in ("cluster", "plan"):
+            from mtlm.plan.schema import NOT_IN_TRAIN
+
+            return f"{key}: {section} {NOT_IN_TRAIN}"
+        return f"{key}: {section} is null in this config, so it holds no keys; select a {section} first"
+    return None
 
 
 # ---- the default checkpoint folder -------------------------------------------------------------------------

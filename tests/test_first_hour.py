@@ -23,8 +23,8 @@ import torch
 
 from mtlm import load_model
 from mtlm.checkpoint.format import latest_checkpoint, read_metadata
-from mtlm.config import ConfigError, compose_error, validate
-from mtlm.config_checks import closest_key, shape_digest
+from mtlm.config import ConfigError, validate
+from mtlm.config_checks import closest_key, compose_error, shape_digest
 from mtlm.train.timeline import claim_folder
 from tests.compose import CONF, SMALL_MODEL, compose_config
 
@@ -146,6 +146,17 @@ def test_unknown_key_in_any_form_is_one_line_with_the_closest_key(form: str, tmp
             compose_config(*overrides)
         assert info.value.key == "trainer.max_step"
     assert closest_key("trainer.lr") == "optimizer.lr" and closest_key("model.hiden_size") == "model.hidden_size"
+
+
+@pytest.mark.parametrize("app", ["train", "plan"])
+def test_key_inside_a_plan_group_is_one_line(app: str) -> None:
+    # train.py's cluster / plan are null (OmegaConf asserts, naming no key); mtlm.plan validates a copy without
+    # them, so it checks their keys itself.
+    from mtlm.plan.__main__ import validate_plan
+
+    line = compose_error(CONF, ["logger=none", "+cluster.foo=1"], *(("plan", validate_plan) if app == "plan" else ()))
+    assert line.startswith("config error: cluster.foo: ") and "\n" not in line
+    assert line.endswith("did you mean cluster.nodes?" if app == "plan" else "with the same overrides")
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ def check_overrides(config_name: str, check: Callable[[Any, int | None], None]) 
     args = sys.argv[1:]
     if any(a.startswith("-") for a in args):  # --help, --cfg ...: Hydra's own
         return
-    from mtlm.config import compose_error
+    from mtlm.config_checks import compose_error
 
     error = compose_error(CONF_DIR, args, config_name, check)
     if error:

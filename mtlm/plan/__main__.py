@@ -25,9 +25,11 @@ register_configs()
 def validate_plan(cfg: Any, world_size: int | None = None) -> None:
     """train.py's validate() on the planned config, as if a launcher had started its tensor x data ranks on
     the cluster (this machine's GPUs do not matter), then the cluster's own checks."""
+    from mtlm.config_checks import check_known_keys
     from mtlm.plan.planner import check_layout
     from mtlm.plan.probe import cores, ram_gb
 
+    check_known_keys(cfg)  # here, as validate() below sees a copy without cluster / plan (+cluster.foo=1)
     if cfg.cluster is None:
         raise ConfigError("cluster", "pick one: cluster=dgx2h_v100 | dgx_a100 | dgx_h100 | cpu_local")
     copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
@@ -96,8 +98,7 @@ def _check_overrides() -> None:
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     if any(a.startswith("-") for a in args):
         return
-    from mtlm.config import compose_error
-    from mtlm.config_checks import sweep_jobs
+    from mtlm.config_checks import compose_error, sweep_jobs
 
     jobs = sweep_jobs(args) if len(args) < len(sys.argv) - 1 else [args]
     for job in jobs:

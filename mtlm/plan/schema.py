@@ -67,11 +67,14 @@ class PlanConfig:
     ddp_bucket_mb: float = 25.0
 
 
+NOT_IN_TRAIN = ("is python -m mtlm.plan's (docs/planner.md); train.py does not read it: drop it, or run "
+                "python -m mtlm.plan with the same overrides")
+
+
 def check_not_in_train(cfg: object) -> None:
     """train.py reads neither group: `+cluster=...` or `+plan.x=...` there would be a silently ignored setting."""
     from mtlm.config import ConfigError
 
     for key in ("cluster", "plan"):
         if getattr(cfg, "get", lambda k: None)(key) is not None:
-            raise ConfigError(key, "is python -m mtlm.plan's (docs/planner.md); train.py does not read it: drop it, or "
-                              "run python -m mtlm.plan with the same overrides")
+            raise ConfigError(key, NOT_IN_TRAIN)
