@@ -101,8 +101,10 @@ def closest_key(key: str, schema: Any = None) -> str | None:
 
 def unknown_key_line(key: str, where: str = "", schema: Any = None) -> str:
     guess = closest_key(key, schema)
-    hint = f"did you mean {guess}?" if guess else "`python train.py --cfg job` lists the keys"
-    return f"not a config key{where} (mtlm/config.py types them all); {hint}"
+    types = "mtlm/config.py" if schema is None else schema.__module__.replace(".", "/") + ".py"
+    listing = "`python train.py --cfg job`" if schema is None else "`--cfg job`"
+    hint = f"did you mean {guess}?" if guess else f"{listing} lists the keys"
+    return f"not a config key{where} ({types} types them all); {hint}"
 
 
 def check_known_keys(cfg: DictConfig, schema: Any = None) -> None:

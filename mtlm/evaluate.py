@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlm.config import ConfigError, env_world_size
 from mtlm.eval.app import BAD_INPUT, check_overrides, exit_bad_input, rank_state
-from mtlm.eval.config import register_eval_configs, validate_evaluate
+from mtlm.eval.config import EvaluateConfig, register_eval_configs, validate_evaluate
 from mtlm.parallel.launch import RankEnv, launch
 
 register_eval_configs()
@@ -112,5 +112,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides("evaluate", validate_evaluate)
+    check_overrides("evaluate", validate_evaluate, EvaluateConfig)
     main()

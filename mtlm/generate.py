@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlm.config import ConfigError, env_world_size
 from mtlm.eval.app import BAD_INPUT, check_overrides, exit_bad_input, rank_state
-from mtlm.eval.config import register_eval_configs, validate_generate
+from mtlm.eval.config import GenerateConfig, register_eval_configs, validate_generate
 from mtlm.parallel.launch import RankEnv, launch
 
 register_eval_configs()
@@ -104,5 +104,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides("generate", validate_generate)
+    check_overrides("generate", validate_generate, GenerateConfig)
     main()

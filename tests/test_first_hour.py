@@ -159,6 +159,18 @@ def test_key_inside_a_plan_group_is_one_line(app: str) -> None:
     assert line.endswith("did you mean cluster.nodes?" if app == "plan" else "with the same overrides")
 
 
+@pytest.mark.parametrize(("app", "key", "meant"), [("evaluate", "eval.overlapp", "eval.overlap"),
+                                                   ("generate", "generate.topk", "generate.top_k")])
+def test_eval_apps_reject_an_added_unknown_key(app: str, key: str, meant: str) -> None:
+    # `+key` gets past Hydra's struct check: the app's validate function must refuse it, before any other key.
+    from mtlm.eval import config as eval_config
+
+    eval_config.register_eval_configs()
+    schema = {"evaluate": eval_config.EvaluateConfig, "generate": eval_config.GenerateConfig}[app]
+    line = compose_error(CONF, [f"+{key}=1"], app, getattr(eval_config, f"validate_{app}"), schema)
+    assert line == f"config error: {key}: not a config key (mtlm/eval/config.py types them all); did you mean {meant}?"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["+trainer.max_step=10"], ["-m", "+trainer.max_step=10,20"]])
 def test_train_py_rejects_added_unknown_key_before_anything_starts(args: list[str], tmp_path: Path) -> None:

@@ -20,14 +20,15 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.
 BAD_INPUT = (ConfigError, DataError, CheckpointError)
 
 
-def check_overrides(config_name: str, check: Callable[[Any, int | None], None]) -> None:
-    """Bad keys, types, values: one line and exit 2, before Hydra makes an output dir (as train.py)."""
+def check_overrides(config_name: str, check: Callable[[Any, int | None], None], schema: Any) -> None:
+    """Bad keys, types, values: one line and exit 2, before Hydra makes an output dir (as train.py). `schema`:
+    the app's root dataclass, which a misspelled key's closest valid one comes from."""
     args = sys.argv[1:]
     if any(a.startswith("-") for a in args):  # --help, --cfg ...: Hydra's own
         return
     from mtlm.config_checks import compose_error
 
-    error = compose_error(CONF_DIR, args, config_name, check)
+    error = compose_error(CONF_DIR, args, config_name, check, schema)
     if error:
         print(error, file=sys.stderr)
         sys.exit(2)

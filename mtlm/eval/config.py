@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from mtlm.config import ConfigError, LoggerConfig, ParallelConfig, PrecisionConfig, register_configs
+from mtlm.config_checks import check_known_keys
 
 TASKS = ("wikitext", "lambada")
 DEVICES = ("auto", "cpu", "cuda")
@@ -143,6 +144,7 @@ def _common(cfg: Any, world_size: int | None, device: str, num_threads: int | No
 
 def validate_evaluate(cfg: Any, world_size: int | None = None) -> None:
     """Everything a type cannot say about an evaluate config; one ConfigError naming the key."""
+    check_known_keys(cfg, EvaluateConfig)  # first: a key added with +/++ would be read by nothing
     e = cfg.eval
     if cfg.task not in TASKS:
         raise ConfigError("task", f"must be one of {', '.join(TASKS)}, got {cfg.task!r}")
@@ -159,6 +161,7 @@ def validate_evaluate(cfg: Any, world_size: int | None = None) -> None:
 
 
 def validate_generate(cfg: Any, world_size: int | None = None) -> None:
+    check_known_keys(cfg, GenerateConfig)  # as validate_evaluate
     g = cfg.generate
     _common(cfg, world_size, g.device, g.num_threads, "generate")
     if (cfg.prompt is None) == (cfg.prompts_file is None):
