@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtlm.config import ConfigError, env_world_size
-from mtlm.eval.app import BAD_INPUT, check_overrides, exit_bad_input, rank_state
+from mtlm.eval.app import BAD_INPUT, check_heads, check_overrides, exit_bad_input, rank_model
 from mtlm.eval.config import EvaluateConfig, register_eval_configs, validate_evaluate
 from mtlm.parallel.launch import RankEnv, launch
 
@@ -27,17 +27,11 @@ register_eval_configs()
 
 
 def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> None:
-    from mtlm.checkpoint.format import read_metadata
-    from mtlm.eval.loading import autocast, load_gpt
+    from mtlm.eval.loading import autocast
     from mtlm.eval.tasks import evaluate_lambada, evaluate_wikitext
 
-    cfg = OmegaConf.create(cfg_dict)
-    e = cfg.eval
-    state = rank_state(env, cfg.parallel.tensor, e.device, e.num_threads, cfg.parallel.backend,
-                       cfg.parallel.timeout_s)
-    try:
-        meta = read_metadata(job["step_dir"])
-        model = load_gpt(job["step_dir"], meta, state)
+    with rank_model(env, cfg_dict, "eval", job["step_dir"]) as (cfg, state, model):
+        e = cfg.eval
         cast = lambda: autocast(cfg.precision.dtype, state.device)
         if cfg.task == "wikitext":
             result = evaluate_wikitext(model, job["ids"], job["num_original_tokens"], job["seq_length"], e.overlap,
@@ -47,8 +41,6 @@ def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> Non
                                       cast)
         if state.is_main:
             report(cfg, {**result, **job["about"]}, out_dir)
-    finally:
-        state.destroy()
 
 
 def report(cfg: Any, result: dict[str, Any], out_dir: str | None) -> None:
@@ -82,9 +74,7 @@ def prepare_job(cfg: Any) -> dict[str, Any]:
                           "positions")
     if cfg.eval.overlap > seq_length:
         raise ConfigError("eval.overlap", f"{cfg.eval.overlap} exceeds the window of {seq_length} tokens")
-    if model["num_attention_heads"] % cfg.parallel.tensor:
-        raise ConfigError("parallel.tensor", f"{cfg.parallel.tensor} does not divide the checkpoint's "
-                          f"{model['num_attention_heads']} attention heads (each rank owns whole heads, §3)")
+    check_heads(model, cfg.parallel.tensor)
     tok = load_tokenizer(meta, cfg.data.tokenizer, step_dir)
     job = prepare(cfg.task, cfg.data.path, cfg.data.text_key, tok.encode)
     about = {"task": cfg.task, "data": os.path.abspath(os.path.expanduser(cfg.data.path)),

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtlm.config import ConfigError, env_world_size
-from mtlm.eval.app import BAD_INPUT, check_overrides, exit_bad_input, rank_state
+from mtlm.eval.app import BAD_INPUT, check_heads, check_overrides, exit_bad_input, rank_model
 from mtlm.eval.config import GenerateConfig, register_eval_configs, validate_generate
 from mtlm.parallel.launch import RankEnv, launch
 
@@ -28,17 +28,12 @@ register_eval_configs()
 
 
 def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> None:
-    from mtlm.checkpoint.format import read_metadata
     from mtlm.data.text_tokenizer import tokenizer_from_entry
     from mtlm.eval.generation import Sampling, generate
-    from mtlm.eval.loading import autocast, load_gpt
+    from mtlm.eval.loading import autocast
 
-    cfg = OmegaConf.create(cfg_dict)
-    g = cfg.generate
-    state = rank_state(env, cfg.parallel.tensor, g.device, g.num_threads, cfg.parallel.backend,
-                       cfg.parallel.timeout_s)
-    try:
-        model = load_gpt(job["step_dir"], read_metadata(job["step_dir"]), state)
+    with rank_model(env, cfg_dict, "generate", job["step_dir"]) as (cfg, state, model):
+        g = cfg.generate
         tok = tokenizer_from_entry(job["tokenizer"])
         sampling = Sampling(g.temperature, g.top_k, g.top_p)
         rows = []
@@ -53,8 +48,6 @@ def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> Non
             with open(os.path.join(out_dir, "generations.jsonl"), "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
-    finally:
-        state.destroy()
 
 
 def prepare_job(cfg: Any) -> dict[str, Any]:
@@ -64,9 +57,7 @@ def prepare_job(cfg: Any) -> dict[str, Any]:
 
     step_dir, meta = read_checkpoint(cfg.checkpoint.dir)
     model = meta["model"]
-    if model["num_attention_heads"] % cfg.parallel.tensor:
-        raise ConfigError("parallel.tensor", f"{cfg.parallel.tensor} does not divide the checkpoint's "
-                          f"{model['num_attention_heads']} attention heads (each rank owns whole heads, §3)")
+    check_heads(model, cfg.parallel.tensor)
     tok = load_tokenizer(meta, cfg.data.tokenizer, step_dir)
     if cfg.prompt is not None:
         lines, key = [(0, cfg.prompt)], "prompt"

@@ -3,9 +3,10 @@ torchrun / SLURM, one-line exits for bad input, and a rank's process setup (as t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -51,3 +52,29 @@ def rank_state(env: RankEnv, tensor: int, device: str, num_threads: int | None, 
     dev = rank_device(device, env.local_rank)
     backend = backend if backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     return ParallelState.initialize(tensor, 1, env.rank, env.world_size, dev, backend, timeout_s)
+
+
+@contextlib.contextmanager
+def rank_model(env: RankEnv, cfg_dict: dict, section: str, step_dir: str) -> Iterator[tuple[Any, ParallelState, Any]]:
+    """(config, parallel state, this rank's slices of the checkpoint's GPT) in a spawned rank; the process
+    group is torn down on exit. `section`: the app's options (eval / generate), naming device and threads."""
+    from omegaconf import OmegaConf
+
+    from mtlm.checkpoint.format import read_metadata
+    from mtlm.eval.loading import load_gpt
+
+    cfg = OmegaConf.create(cfg_dict)
+    opts = cfg[section]
+    state = rank_state(env, cfg.parallel.tensor, opts.device, opts.num_threads, cfg.parallel.backend,
+                       cfg.parallel.timeout_s)
+    try:
+        yield cfg, state, load_gpt(step_dir, read_metadata(step_dir), state)
+    finally:
+        state.destroy()
+
+
+def check_heads(model: dict[str, Any], tensor: int) -> None:
+    """parallel.tensor must divide the checkpoint's heads: each rank owns whole heads (§3)."""
+    if model["num_attention_heads"] % tensor:
+        raise ConfigError("parallel.tensor", f"{tensor} does not divide the checkpoint's "
+                          f"{model['num_attention_heads']} attention heads (each rank owns whole heads, §3)")
