@@ -40,13 +40,21 @@ TOP_MAP = {"wte": "bert.embeddings.word_embeddings", "wpe": "bert.embeddings.pos
            "sop_head": "cls.seq_relationship"}
 
 
+def _rename(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], names: dict[str, str], to_hf: bool,
+            src: str = "", dst: str = "", optional: bool = False) -> None:
+    """Copy each weight and bias of `names` (mtlm name -> transformers name) from `t` into `out`, mtlm to
+    transformers or back, under the prefixes `src` / `dst`. `optional`: skip those `t` lacks."""
+    for ours, theirs in names.items():
+        old, new = (ours, theirs) if to_hf else (theirs, ours)
+        for kind in ("weight", "bias"):
+            if not optional or f"{src}{old}.{kind}" in t:
+                out[f"{dst}{new}.{kind}"] = t[f"{src}{old}.{kind}"]
+
+
 def mtlm_to_hf(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
     """mtlm BERT parameter names/layouts (unpadded vocab) -> MegatronBertForPreTraining's state dict."""
-    out = {}
-    for ours, theirs in TOP_MAP.items():
-        for kind in ("weight", "bias"):
-            if f"{ours}.{kind}" in t:
-                out[f"{theirs}.{kind}"] = t[f"{ours}.{kind}"]
+    out: dict[str, torch.Tensor] = {}
+    _rename(out, t, TOP_MAP, True, optional=True)
     out["cls.predictions.bias"] = t["lm_head.bias"]
     for i in range(num_layers):
         src, dst = f"blocks.{i}.", f"bert.encoder.layer.{i}."
@@ -56,19 +64,14 @@ def mtlm_to_hf(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[
         for j, name in enumerate(("query", "key", "value")):
             out[f"{dst}attention.self.{name}.weight"] = w[:, j].reshape(h, h)
             out[f"{dst}attention.self.{name}.bias"] = b[:, j].reshape(h)
-        for ours, theirs in LAYER_MAP.items():
-            for kind in ("weight", "bias"):
-                out[f"{dst}{theirs}.{kind}"] = t[f"{src}{ours}.{kind}"]
+        _rename(out, t, LAYER_MAP, True, src, dst)
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def hf_to_mtlm(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
     """The inverse of mtlm_to_hf (the tied decoder weight and its bias alias are not needed)."""
-    out = {}
-    for ours, theirs in TOP_MAP.items():
-        for kind in ("weight", "bias"):
-            if f"{theirs}.{kind}" in t:
-                out[f"{ours}.{kind}"] = t[f"{theirs}.{kind}"]
+    out: dict[str, torch.Tensor] = {}
+    _rename(out, t, TOP_MAP, False, optional=True)
     out["lm_head.bias"] = t["cls.predictions.bias"]
     for i in range(num_layers):
         src, dst = f"bert.encoder.layer.{i}.", f"blocks.{i}."
@@ -78,9 +81,7 @@ def hf_to_mtlm(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[
         d = h // heads
         out[dst + "attn.qkv.weight"] = torch.stack([x.view(heads, d, h) for x in (q, k, v)], 1).reshape(3 * h, h)
         out[dst + "attn.qkv.bias"] = torch.stack([x.view(heads, d) for x in (qb, kb, vb)], 1).reshape(3 * h)
-        for ours, theirs in LAYER_MAP.items():
-            for kind in ("weight", "bias"):
-                out[f"{dst}{ours}.{kind}"] = t[f"{src}{theirs}.{kind}"]
+        _rename(out, t, LAYER_MAP, False, src, dst)
     return {k: v.contiguous() for k, v in out.items()}
 
 
