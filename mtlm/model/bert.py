@@ -21,10 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlm.model.transformer import Block, activation_fn, init_weights_, layer_parameters, replicated, stream_norms
+from mtlm.model.transformer import (
+    Block,
+    VocabParallelLM,
+    activation_fn,
+    layer_parameters,
+    replicated,
+    stream_norms,
+)
 from mtlm.parallel.checkpoint import checkpoint_block
 from mtlm.parallel.cross_entropy import mask_padded_logits_, vocab_parallel_cross_entropy
-from mtlm.parallel.layers import VocabParallelEmbedding, pad_vocab_size
 from mtlm.parallel.mappings import copy_to_tensor_region
 from mtlm.parallel.state import ParallelState
 
@@ -57,18 +63,13 @@ class LMHead(nn.Module):
         return self.ln(self.act(self.dense(x)))
 
 
-class BERT(nn.Module):
+class BERT(VocabParallelLM):
     family = "bert"
 
     def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
                  activation_checkpointing: bool = False) -> None:
-        super().__init__()
-        self.cfg, self.state = cfg, state
-        self.vocab_size = vocab_size
-        self.padded_vocab_size = pad_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, state.tensor)
-        self.activation_checkpointing = activation_checkpointing
+        super().__init__(cfg, vocab_size, state, device, dtype, activation_checkpointing)
         h = cfg.hidden_size
-        self.wte = VocabParallelEmbedding(self.padded_vocab_size, h, state, device=device, dtype=dtype)
         self.wpe = replicated(nn.Embedding(cfg.max_position_embeddings, h, device=device, dtype=dtype))
         self.tte = replicated(nn.Embedding(NUM_TOKEN_TYPES, h, device=device, dtype=dtype))
         self.ln_emb, self.ln_f = stream_norms(cfg, device, dtype)
@@ -77,9 +78,6 @@ class BERT(nn.Module):
         self.lm_head = LMHead(cfg, self.padded_vocab_size // state.tensor, device, dtype)
         self.pooler = replicated(nn.Linear(h, h, device=device, dtype=dtype))
         self.sop_head = replicated(nn.Linear(h, 2, device=device, dtype=dtype))
-
-    def init_weights(self, seed: int) -> None:
-        init_weights_(self, seed, self.cfg.init_std, self.cfg.num_layers, self.state, self.vocab_size)
 
     def encode(self, ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,15 +24,14 @@ from mtlm.model.transformer import (  # noqa: F401  (Attention, MLP, unfused_att
     MLP,
     Attention,
     Block,
+    VocabParallelLM,
     _use_unfused,
-    init_weights_,
     layer_parameters,
     replicated,
     unfused_attention,
 )
 from mtlm.parallel.checkpoint import checkpoint_block
 from mtlm.parallel.cross_entropy import mask_padded_logits_, vocab_parallel_cross_entropy
-from mtlm.parallel.layers import VocabParallelEmbedding, pad_vocab_size
 from mtlm.parallel.mappings import copy_to_tensor_region
 from mtlm.parallel.state import ParallelState
 
@@ -45,18 +44,13 @@ def num_parameters(num_layers: int, hidden: int, padded_vocab: int, max_position
     return num_layers * layer_parameters(hidden) + (padded_vocab + max_positions) * hidden + 2 * hidden
 
 
-class GPT(nn.Module):
+class GPT(VocabParallelLM):
     family = "gpt"  # mtlm/model/build.py: its objective is next-token LM (train/objective.py)
 
     def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
                  activation_checkpointing: bool = False) -> None:
-        super().__init__()
-        self.cfg, self.state = cfg, state
-        self.vocab_size = vocab_size
-        self.padded_vocab_size = pad_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, state.tensor)
-        self.activation_checkpointing = activation_checkpointing
+        super().__init__(cfg, vocab_size, state, device, dtype, activation_checkpointing)
         h = cfg.hidden_size
-        self.wte = VocabParallelEmbedding(self.padded_vocab_size, h, state, device=device, dtype=dtype)
         # Learned positions (GPT-2), or none: ALiBi in the attention (BLOOM, model.position_embedding=alibi).
         self.wpe = replicated(nn.Embedding(cfg.max_position_embeddings, h, device=device, dtype=dtype)) \
             if getattr(cfg, "position_embedding", "learned") == "learned" else None
@@ -68,10 +62,6 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, state, True, device, dtype) for _ in range(cfg.num_layers))
         self.ln_f = norm() if pre_ln else None
-
-    def init_weights(self, seed: int) -> None:
-        """§4: N(0, 0.02); the two layers feeding each residual add scaled by 1/sqrt(2N); biases 0, LN 1."""
-        init_weights_(self, seed, self.cfg.init_std, self.cfg.num_layers, self.state, self.vocab_size)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:

@@ -28,7 +28,13 @@ from torch import nn
 
 from mtlm.model.alibi import alibi_causal_bias, local_slopes
 from mtlm.model.kv_cache import LayerKV, cached_attention
-from mtlm.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_sharded_
+from mtlm.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    init_sharded_,
+    pad_vocab_size,
+)
 from mtlm.parallel.random import tensor_region_rng
 from mtlm.parallel.state import ParallelState
 
@@ -227,3 +233,21 @@ def init_weights_(model: nn.Module, seed: int, std: float, num_layers: int, stat
             init_sharded_(p, name, seed, std, r, t, full_rows=vocab_size)
         else:
             init_sharded_(p, name, seed, residual_std if name.endswith("proj.weight") else std, r, t)
+
+
+class VocabParallelLM(nn.Module):
+    """What GPT and BERT share: the config and parallel state, the vocabulary padded to a multiple of
+    make_vocab_size_divisible_by x tensor (§3), its vocab-parallel word embedding `wte`, and §4's init."""
+
+    def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.cfg, self.state = cfg, state
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = pad_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, state.tensor)
+        self.activation_checkpointing = activation_checkpointing
+        self.wte = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, state, device=device, dtype=dtype)
+
+    def init_weights(self, seed: int) -> None:
+        """§4: N(0, 0.02); the two layers feeding each residual add scaled by 1/sqrt(2N); biases 0, LN 1."""
+        init_weights_(self, seed, self.cfg.init_std, self.cfg.num_layers, self.state, self.vocab_size)
