@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mtlm.checkpoint.format import CheckpointError
-from mtlm.convert.writer import read_checkpoint, tokenizer_metadata, write_checkpoint
+from mtlm.convert.writer import read_checkpoint, read_hf_safetensors, tokenizer_metadata, write_checkpoint
 from mtlm.files import respect_umask
 
 # mtlm's per-layer module -> BLOOM's (Hugging Face and Megatron-DeepSpeed use the same layer names).
@@ -68,20 +67,6 @@ def model_section(name: str, layers: int, hidden: int, heads: int, vocab: int, e
             "vocab_size": vocab, "make_vocab_size_divisible_by": 128, "dropout": dropout, "init_std": init_std,
             "layernorm_eps": eps, "activation": "gelu_tanh", "position_embedding": "alibi",
             "embedding_layernorm": True}
-
-
-def read_hf_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face folder's safetensors file(s) (sharded or not). Never unpickles."""
-    index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-        ["model.safetensors"]
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        if not (hf_dir / file).exists():
-            raise CheckpointError(f"{hf_dir / file}: missing (mtlm reads safetensors only, never pickles)")
-        with safe_open(str(hf_dir / file), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
 
 
 def _hf_to_mtlm(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:

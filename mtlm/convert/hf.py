@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mtlm.api import model_config
@@ -38,7 +37,7 @@ from mtlm.convert.bloom import from_hf_bloom, is_bloom, is_bloom_model, to_hf_bl
 from mtlm.convert.hf_bert import BERT_TARGET
 from mtlm.convert.hf_bert import from_hf as bert_from_hf
 from mtlm.convert.hf_bert import to_hf as bert_to_hf
-from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
+from mtlm.convert.writer import read_hf_safetensors, tokenizer_metadata, write_checkpoint
 from mtlm.files import respect_umask
 from mtlm.model.build import model_target
 
@@ -150,17 +149,8 @@ def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if gpt and (config.get("n_inner") not in (None, 4 * config["n_embd"])
                 or config.get("scale_attn_by_inverse_layer_idx")):
         raise CheckpointError(f"{config_path}: n_inner / scale_attn_by_inverse_layer_idx differ from GPT-2's")
-    index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-        ["model.safetensors"]
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        if not (hf_dir / file).exists():
-            raise CheckpointError(f"{hf_dir / file}: missing (mtlm reads safetensors only, never pickles)")
-        with safe_open(str(hf_dir / file), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys() if not k.endswith((".attn.bias",
-                                                                                     ".attn.masked_bias"))})
-    return config, tensors
+    # `.attn.bias` / `.attn.masked_bias`: GPT-2 attention-mask buffers some files hold; not weights.
+    return config, read_hf_safetensors(hf_dir, skip=(".attn.bias", ".attn.masked_bias"))
 
 
 def from_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:

@@ -3,17 +3,20 @@
 Every importer ends here: it maps a foreign format's tensors to mtlm's parameter names and layouts, then
 this writes the shards `tensor` training ranks would have written (each rank's slice along the parameter's
 `partition_dim`, the vocabulary cut to its real size), the metadata that `train.py checkpoint.resume=...`,
-`load_model` and the evaluation tools read, and commits the folder as `latest -> step_00000000`.
+`load_model` and the evaluation tools read, and commits the folder as `latest -> step_00000000`. The Hugging
+Face importers read their folder's tensors here too (read_hf_safetensors).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from mtlm.api import model_config
@@ -124,3 +127,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     reader = ShardReader(step_dir, meta)
     names = [n for n in meta["tensors"] if n.startswith("model.")]
     return meta, {n.removeprefix("model."): reader.read_full(n) for n in names}
+
+
+def read_hf_safetensors(hf_dir: Path, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder's safetensors file(s) (sharded or not), but those whose name ends
+    in one of `skip`. Never unpickles."""
+    index = hf_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not (hf_dir / file).exists():
+            raise CheckpointError(f"{hf_dir / file}: missing (mtlm reads safetensors only, never pickles)")
+        with safe_open(str(hf_dir / file), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if not k.endswith(skip)})
+    return tensors
