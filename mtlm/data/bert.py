@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mtlm.data.dataset import EpochOrder
 from mtlm.data.errors import DataError
 
 MASK_PROB, MASK_TOKEN_PROB, RANDOM_TOKEN_PROB = 0.15, 0.8, 0.1  # the remaining 10% keep their token
@@ -90,7 +91,7 @@ def chunk_documents(bounds: np.ndarray, tokens: np.ndarray, is_end: np.ndarray, 
     return np.asarray(chunks, dtype=np.int64).reshape(-1, 2)
 
 
-class MaskedLMDataset:
+class MaskedLMDataset(EpochOrder):
     """Samples of `seq_length` positions; `get_batch(start, count)` gives the samples at global positions
     start .. start + count - 1 as a dict of int64 tensors:
 
@@ -103,34 +104,16 @@ class MaskedLMDataset:
         if seq_length < 5:
             raise DataError(f"model.seq_length={seq_length}: BERT samples need at least 5 positions")
         self.tokens, self.special, self.seq_length = tokens, special, int(seq_length)
-        self.seed, self.split = int(seed), split
+        self.split = split
         self.is_end = is_end
         self.chunks = chunk_documents(bounds, tokens, is_end, self.seq_length - 3)
-        self.num_samples = len(self.chunks)
+        super().__init__(len(self.chunks), seed)
         if self.num_samples == 0:
             raise DataError(f"data: the {split} split has no document of 2 or more tokens for BERT samples; "
                             "add text or raise data.val_fraction")
         ordinary = np.ones(special.vocab_size, dtype=bool)
         ordinary[list(special.never_random)] = False
         self._ordinary = np.flatnonzero(ordinary)  # what a "random token" replacement is drawn from
-        self._orders: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def order(self, epoch: int) -> np.ndarray:
-        perm = self._orders.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            if len(self._orders) >= 2:
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = perm
-        return perm
-
-    def sample_indices(self, start: int, count: int) -> np.ndarray:
-        """Which chunk sits at each global position start .. start + count - 1."""
-        return np.array([self.order(p // self.num_samples)[p % self.num_samples]
-                         for p in range(start, start + count)], dtype=np.int64)
 
     def sample(self, position: int) -> dict[str, np.ndarray]:
         """The sample at one global position (all its randomness from (seed, epoch, sample index))."""

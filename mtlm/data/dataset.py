@@ -23,26 +23,13 @@ def too_small(split: str, num_tokens: int, seq_length: int, hint: str | None = N
     )
 
 
-class TokenDataset:
-    """Samples of seq_length + 1 tokens cut back to back from a 1-D token array (usually a memmap).
+class EpochOrder:
+    """An endless order over `num_samples` samples, addressed by global position: position p is sample
+    order(p // num_samples)[p % num_samples], each epoch a fresh permutation seeded by (seed, epoch)."""
 
-    Sample i is tokens[i * seq_length : i * seq_length + seq_length + 1]: consecutive samples share one
-    token, so inputs = x[:-1] and targets = x[1:] cover every token of the stream as a target once.
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_length: int, seed: int, split: str = "train"):
-        if tokens.ndim != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-        if seq_length < 1:
-            raise DataError(f"model.seq_length={seq_length}: must be >= 1")
-        self.tokens = tokens
-        self.seq_length = int(seq_length)
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = int(num_samples)
         self.seed = int(seed)
-        self.split = split
-        self.num_samples = (len(tokens) - 1) // self.seq_length
-        if self.num_samples <= 0:
-            raise too_small(split, len(tokens), seq_length)
-        self._offsets = np.arange(self.seq_length + 1, dtype=np.int64)
         self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation; a batch touches at most two
 
     def __len__(self) -> int:
@@ -69,6 +56,28 @@ class TokenDataset:
             mask = epochs == epoch
             indices[mask] = self.order(int(epoch))[within[mask]]
         return indices
+
+
+class TokenDataset(EpochOrder):
+    """Samples of seq_length + 1 tokens cut back to back from a 1-D token array (usually a memmap).
+
+    Sample i is tokens[i * seq_length : i * seq_length + seq_length + 1]: consecutive samples share one
+    token, so inputs = x[:-1] and targets = x[1:] cover every token of the stream as a target once.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_length: int, seed: int, split: str = "train"):
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+        if seq_length < 1:
+            raise DataError(f"model.seq_length={seq_length}: must be >= 1")
+        self.tokens = tokens
+        self.seq_length = int(seq_length)
+        self.split = split
+        num_samples = (len(tokens) - 1) // self.seq_length
+        if num_samples <= 0:
+            raise too_small(split, len(tokens), seq_length)
+        super().__init__(num_samples, seed)
+        self._offsets = np.arange(self.seq_length + 1, dtype=np.int64)
 
     def get_batch(self, start: int, count: int) -> torch.Tensor:
         """The samples at global positions start .. start + count - 1 as an int64 tensor [count, seq+1]."""
