@@ -52,6 +52,29 @@ def test_exposed_data_parallel_time() -> None:
     assert perf.exposed_data_parallel_time(100.0, 10.0, 3.0, 2.0) == pytest.approx(1.2)
 
 
+def test_attention_dropout_term() -> None:
+    # weak_scaling_cpu's t2 on one of two ranks: 6 layers x batch 8 x 10/2 heads x 256^2 scores per forward.
+    scores = perf.attention_scores(6, 8, 10 // 2, 256)
+    assert scores == 15_728_640
+    assert perf.attention_dropout_time(scores, 20.0, 1) == pytest.approx(0.3145728)
+    assert perf.attention_dropout_time(scores, 20.0, 2) == pytest.approx(2 * 0.3145728)  # the recompute
+
+
+def test_attention_dropout_drawn_again_by_the_recompute() -> None:
+    """dgx2h_v100 with a made-up 10 ns per score: the term is b·(a/t)·s²·l per forward, twice with recompute,
+    and absent without dropout (so the paper's numbers, at 0 ns, are untouched)."""
+    base = [*PAPER_8_3B[:1], "parallel.tensor=8", "model.seq_length=1024", "model.vocab_size=51200",
+            "cluster=dgx2h_v100", "cluster.attention_dropout_ns_per_score=10.0", "trainer.micro_batch_size=8",
+            "trainer.global_batch_size=8"]
+    one = make_plan(plan_config(*base, "model.dropout=0.1"))
+    two = make_plan(plan_config(*base, "model.dropout=0.1", "trainer.activation_checkpointing=true"))
+    none = make_plan(plan_config(*base, "model.dropout=0.0"))
+    want = 72 * 8 * (32 // 8) * 1024**2 * 10e-9
+    assert one["attention_dropout_s"] == pytest.approx(want)
+    assert two["attention_dropout_s"] == pytest.approx(2 * want)
+    assert none["attention_dropout_s"] == 0.0
+
+
 def test_optimizer_state_bytes() -> None:
     shapes = [(4, 3), (3,)]
     assert sizing.optimizer_state_bytes("adam", shapes) == 8 * 15 + 4 * 2  # two moments, a step per tensor

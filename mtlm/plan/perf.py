@@ -98,6 +98,17 @@ def compute_time(hardware_flops_per_device: float, peak_tflops: float, eta: floa
     return hardware_flops_per_device / (eta * peak_tflops * 1e12)
 
 
+def attention_scores(layers: int, micro_batch: int, heads_per_device: int, seq: int) -> int:
+    """Attention scores one forward of one micro-batch computes on a device: b·(a/t)·s² per layer."""
+    return layers * micro_batch * heads_per_device * seq * seq
+
+
+def attention_dropout_time(scores: int, ns_per_score: float, forwards: int) -> float:
+    """Seconds of attention-dropout work that the FLOPs do not count: `forwards` passes over `scores` scores
+    (1, or 2 when the layers are recomputed: the recompute draws every mask again)."""
+    return scores * ns_per_score * 1e-9 * forwards
+
+
 def backward_fraction(model_flops: float, hardware_flops: float) -> float:
     """Share of the executed FLOPs that run in backward (the recompute included): forward is 1/3 of the
     model FLOPs (backward costs twice forward), the rest runs after the loss."""

@@ -56,6 +56,8 @@ def resolve_cluster(cfg: Any) -> dict[str, Any]:
     out["intra_node_bw_gbps"] = take("intra_node_bw_gbps", c.intra_node_bw_gbps, lambda: gloo["bw_gbps"])
     out["intra_node_step_latency_us"] = take("intra_node_step_latency_us", c.intra_node_step_latency_us,
                                              lambda: gloo["step_latency_us"])
+    out["attention_dropout_ns_per_score"] = take("attention_dropout_ns_per_score", c.attention_dropout_ns_per_score,
+                                                 probe.attention_dropout_ns_per_score)
     for key in ("inter_node_bw_gbps", "inter_node_step_latency_us", "collective_base_latency_us"):
         out[key] = c[key]
     out["devices"] = out["devices_per_node"] * c.nodes
@@ -79,8 +81,15 @@ def calibration_eta(cfg: Any, cluster: dict[str, Any]) -> tuple[float, dict[str,
     hardware = flops.hardware_flops_per_iteration(cal.batch, cal.seq_length, cal.num_layers, cal.hidden_size,
                                                   cal.vocab_size, cal.recompute)
     peak = cluster["peak_tflops"][cal.precision] * (cal.threads if cluster["device"] == "cpu" else 1)
-    eta = perf.achievable_fraction(rate, model, hardware, peak)
-    return eta, {"tflops_per_device": rate, "source": source, "eta": eta, "precision": cal.precision}
+    # The calibration run's attention dropout (once, in its forward) is not FLOPs: take it out of its step
+    # time before the FLOPs give eta, as make_plan adds it back per layout.
+    dropout_s = perf.attention_dropout_time(
+        perf.attention_scores(cal.num_layers, cal.batch, cal.num_attention_heads, cal.seq_length),
+        cluster["attention_dropout_ns_per_score"], 1) if cal.dropout > 0 else 0.0
+    step_s = model / (rate * 1e12)
+    eta = perf.achievable_fraction(model / ((step_s - dropout_s) * 1e12), model, hardware, peak)
+    return eta, {"tflops_per_device": rate, "source": source, "eta": eta, "precision": cal.precision,
+                 "attention_dropout_s": dropout_s}
 
 
 def check_layout(cfg: Any, cluster: dict[str, Any]) -> None:
@@ -120,10 +129,14 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     peak = cluster["peak_tflops"][dtype] * threads
     model_flops, hw_flops = objective_for(m).flops(m, t.global_batch_size, rank.padded_vocab_size, recompute)
     devices = p.tensor * p.data
-    compute_s = perf.compute_time(hw_flops / devices, peak, eta)
+    micro_steps = t.global_batch_size // (t.micro_batch_size * p.data)
+    # Attention dropout beyond its FLOPs: every forward draws the masks, a recompute draws them again.
+    scores = perf.attention_scores(m.num_layers, t.micro_batch_size, m.num_attention_heads // p.tensor, m.seq_length)
+    dropout_s = micro_steps * perf.attention_dropout_time(scores, cluster["attention_dropout_ns_per_score"],
+                                                          2 if recompute else 1) if m.dropout > 0 else 0.0
+    compute_s = perf.compute_time(hw_flops / devices, peak, eta) + dropout_s
 
     # Tensor-parallel all-reduces: micro-batches per step x one micro-batch's collectives, inside a node.
-    micro_steps = t.global_batch_size // (t.micro_batch_size * p.data)
     colls = perf.tensor_parallel_collectives(m.num_layers, t.micro_batch_size, m.seq_length, m.hidden_size,
                                              sizing.compute_bytes(dtype), recompute)
     intra = (cluster["intra_node_bw_gbps"], cluster["intra_node_step_latency_us"],
@@ -168,6 +181,7 @@ def make_plan(cfg: Any) -> dict[str, Any]:
         "memory_margin_gb": capacity - total_gb,
         "step_time_s": step_s,
         "step_time_parts_s": {"compute": compute_s, "tensor_parallel": tp_s, "data_parallel_exposed": dp_exposed_s},
+        "attention_dropout_s": dropout_s,  # inside "compute"
         "data_parallel_allreduce_s": dp_s, "backward_s": backward_s,
         "tensor_parallel_bytes_per_step": micro_steps * perf.collectives_bytes(colls, p.tensor),
         "tensor_parallel_allreduces_per_step": micro_steps * sum(c.count for c in colls) if p.tensor > 1 else 0,

@@ -127,6 +127,39 @@ def gloo_allreduce() -> dict:
     return _cached("gloo_allreduce", measure_gloo)
 
 
+# ---- attention dropout ---------------------------------------------------------------------------------
+
+DROPOUT_PROBE_SHAPE = (8, 8, 256, 32)  # batch, heads, seq, head dim: weak_scaling_cpu's attention
+
+
+def measure_attention_dropout(reps: int = 5) -> dict:
+    """ns per attention score that dropout adds to one SDPA forward (one thread, fp32, inputs needing grad as
+    in training): the best of `reps` forwards with dropout 0.1 minus the best without."""
+    import torch.nn.functional as F
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, k, v = (torch.randn(*DROPOUT_PROBE_SHAPE, requires_grad=True) for _ in range(3))
+        best = {}
+        for p in (0.0, 0.1):
+            times = []
+            for _ in range(reps + 1):  # the first is a warm-up
+                t0 = time.perf_counter()
+                F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+                times.append(time.perf_counter() - t0)
+            best[p] = min(times[1:])
+    finally:
+        torch.set_num_threads(previous)
+    b, h, s, _ = DROPOUT_PROBE_SHAPE
+    return {"ns_per_score": max(0.0, best[0.1] - best[0.0]) / (b * h * s * s) * 1e9,
+            "forward_s": {"0.0": best[0.0], "0.1": best[0.1]}}
+
+
+def attention_dropout_ns_per_score() -> float:
+    return _cached("attention_dropout", measure_attention_dropout)["ns_per_score"]
+
+
 # ---- the calibration run ---------------------------------------------------------------------------------
 
 

@@ -55,6 +55,10 @@ class ClusterConfig:
     inter_node_bw_gbps: float = 0.0
     inter_node_step_latency_us: float = 0.0
     collective_base_latency_us: float = 0.0  # fixed cost of one collective launch
+    # Attention dropout's cost beyond its FLOPs, ns per attention score (b·heads·s² per layer and forward):
+    # a CPU draws the mask serially and leaves the fused kernel; a GPU draws it inside the kernel (0: none).
+    # null: probed here (cpu_local). It matters when a recompute draws the masks again (docs/planner.md).
+    attention_dropout_ns_per_score: float | None = 0.0
     calibration: CalibrationPoint = field(default_factory=CalibrationPoint)
 
 
