@@ -86,8 +86,9 @@ def calibration_eta(cfg: Any, cluster: dict[str, Any]) -> tuple[float, dict[str,
     dropout_s = perf.attention_dropout_time(
         perf.attention_scores(cal.num_layers, cal.batch, cal.num_attention_heads, cal.seq_length),
         cluster["attention_dropout_ns_per_score"], 1) if cal.dropout > 0 else 0.0
-    step_s = model / (rate * 1e12)
-    eta = perf.achievable_fraction(model / ((step_s - dropout_s) * 1e12), model, hardware, peak)
+    step_s = model / (rate * 1e12)  # the calibration run's measured step
+    rate_without_dropout = model / ((step_s - dropout_s) * 1e12)
+    eta = perf.achievable_fraction(rate_without_dropout, model, hardware, peak)
     return eta, {"tflops_per_device": rate, "source": source, "eta": eta, "precision": cal.precision,
                  "attention_dropout_s": dropout_s}
 
