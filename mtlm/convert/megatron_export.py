@@ -51,6 +51,25 @@ def megatron_place(name: str) -> tuple[tuple[str, ...], str]:
     return WHERE[name]
 
 
+# Megatron-LM's module order, which its files keep (torch.save keeps dict order) and which readers rely on:
+# transformers' Megatron-BERT converter stops at the encoder's first key that is not `layers.N.*`.
+_BEFORE_LAYERS = ("wte.weight", "wpe.weight", "tte.weight")
+_AFTER_LAYERS = ("ln_f.weight", "ln_f.bias", "pooler.weight", "pooler.bias", "lm_head.bias",
+                 "lm_head.dense.weight", "lm_head.dense.bias", "lm_head.ln.weight", "lm_head.ln.bias",
+                 "sop_head.weight", "sop_head.bias")
+_IN_LAYER = tuple(LAYER_NAMES)  # input LN, qkv, attention output, post-attention LN, h->4h, 4h->h
+
+
+def megatron_order(name: str) -> tuple:
+    """Sort key: embeddings, then layer by layer (weight before bias), then final LN, pooler, heads."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        return (1, int(m[1]), _IN_LAYER.index(m[2]), m[3] == "bias")
+    if name in _BEFORE_LAYERS:
+        return (0, _BEFORE_LAYERS.index(name))
+    return (2, _AFTER_LAYERS.index(name))
+
+
 def megatron_args(model: dict, tensor: int, padded: int, tokenizer: dict | None) -> argparse.Namespace:
     """The args Megatron-LM's loader compares with its own (check_checkpoint_args) and reads back."""
     tokenizer = tokenizer or {}
@@ -88,9 +107,11 @@ def to_megatron(checkpoint: str | Path, out_dir: str | Path, tensor: int = 1) ->
             full[name] = torch.cat([v, v.new_zeros(padded - v.shape[0], *v.shape[1:])])
     args = megatron_args(model, tensor, padded, meta.get("tokenizer"))
     places = {name: megatron_place(name) for name in full}
+    places = {name: places[name] for name in sorted(places, key=megatron_order)}
     for rank in range(tensor):
         state: dict[str, Any] = {}
-        for name, value in full.items():
+        for name in places:  # Megatron-LM's order: the nested dicts are created and filled in it
+            value = full[name]
             dim = meta["tensors"][f"model.{name}"]["partition_dim"]
             local = value if dim is None else value.chunk(tensor, dim)[rank]
             path, key = places[name]
