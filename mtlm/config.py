@@ -65,8 +65,18 @@ ATTENTION_IMPLS = ("auto", "sdpa", "unfused")
 
 @dataclass
 class ParallelConfig:
+    # The rank grid is tensor x data x pipeline, tensor innermost (mtlm/parallel/state.py, docs/parallelism.md).
     tensor: int = 1
     data: int = 1
+    # Pipeline stages (SC'21 §2.2), through torch.distributed.pipelining. 1: no pipeline.
+    pipeline: int = 1
+    # Model chunks per pipeline rank, for schedule=interleaved_1f1b (bubble (p-1)/(v m), SC'21 §2.2.2).
+    virtual_stages: int = 1
+    # gpipe | 1f1b | interleaved_1f1b (torch.distributed.pipelining's ScheduleGPipe / 1F1B / Interleaved1F1B).
+    schedule: str = "1f1b"
+    # Sequence parallelism (Korthikanti et al. 2022 §4.2.2): layer norms, dropout and the residual stream on
+    # 1/tensor of the sequence; needs tensor > 1.
+    sequence: bool = False
     # auto: nccl when training on CUDA, gloo on CPU.
     backend: str = "auto"
     # Collective timeout. Tests set a few seconds so a hang fails fast instead of after 30 minutes.
@@ -246,7 +256,8 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     check_not_in_train(cfg)  # cluster / plan: python -m mtlm.plan's groups (it validates a copy without them)
     m, p, t = cfg.model, cfg.parallel, cfg.trainer
     for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
-                "model.max_position_embeddings", "parallel.tensor", "parallel.data", "trainer.max_steps",
+                "model.max_position_embeddings", "parallel.tensor", "parallel.data", "parallel.pipeline",
+                "parallel.virtual_stages", "trainer.max_steps",
                 "trainer.micro_batch_size", "trainer.global_batch_size", "trainer.log_interval",
                 "trainer.eval_interval", "trainer.eval_iters", "model.make_vocab_size_divisible_by"):
         _positive(cfg, key)
@@ -342,21 +353,53 @@ def _validate_checkpoint(cfg: Any) -> None:
 
 
 def _validate_layout(cfg: Any, world_size: int | None) -> None:
-    """The rank layout: world = tensor x data, and on GPUs no more local ranks than devices."""
-    p = cfg.parallel
-    needed = p.tensor * p.data
-    if world_size is not None and world_size != needed:
-        raise ConfigError("parallel.data", f"the launcher started {world_size} ranks but parallel.tensor x "
-                          f"parallel.data = {p.tensor} x {p.data} = {needed}")
+    """The rank layout: world = tensor x data x pipeline, and on GPUs no more local ranks than devices."""
     import torch
+
+    from mtlm.parallel.state import Grid
+
+    p = cfg.parallel
+    grid = Grid.of(p)
+    needed = grid.world
+    try:
+        grid.check(world_size)
+    except ValueError as err:
+        key, message = str(err).split(": ", 1)
+        raise ConfigError(key, message) from None
+    _validate_new_axes(cfg)
 
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device", "cuda requested but no CUDA device is visible")
     if _uses_cuda(cfg) and world_size is None and needed > torch.cuda.device_count():
-        raise ConfigError("parallel.tensor", f"{needed} ranks (tensor x data) need {needed} GPUs on this "
+        raise ConfigError("parallel.tensor", f"{needed} ranks (tensor x data x pipeline) need {needed} GPUs on this "
                           f"machine but {torch.cuda.device_count()} are visible")
     if p.backend == "nccl" and not _uses_cuda(cfg):
         raise ConfigError("parallel.backend", "nccl needs CUDA devices; use gloo (or auto) on CPU")
+
+
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def _validate_new_axes(cfg: Any) -> None:
+    """Sequence and pipeline parallelism: what each needs, before any rank is spawned."""
+    m, p = cfg.model, cfg.parallel
+    if p.get("sequence", False):
+        if p.tensor < 2:
+            raise ConfigError("parallel.sequence", "needs parallel.tensor > 1 (it splits the tensor-parallel "
+                              "region's sequence over the tensor group)")
+        if m.seq_length % p.tensor:
+            raise ConfigError("parallel.sequence", f"model.seq_length={m.seq_length} is not divisible by "
+                              f"parallel.tensor={p.tensor} (each rank holds 1/tensor of the sequence)")
+    schedule = p.get("schedule", "1f1b")
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError("parallel.schedule", f"must be one of {', '.join(PIPELINE_SCHEDULES)}, got {schedule!r}")
+    pipeline, virtual = p.get("pipeline", 1), p.get("virtual_stages", 1)
+    if virtual > 1 and schedule != "interleaved_1f1b":
+        raise ConfigError("parallel.virtual_stages", f"{virtual} needs parallel.schedule=interleaved_1f1b")
+    if pipeline == 1:
+        return
+    raise ConfigError("parallel.pipeline", f"{pipeline}: pipeline parallelism is not implemented yet; "
+                      "use parallel.pipeline=1")
 
 
 def _uses_cuda(cfg: Any) -> bool:

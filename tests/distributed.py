@@ -22,10 +22,12 @@ from mtlm.parallel.launch import free_port
 from mtlm.parallel.state import ParallelState
 
 
-def _entry(rank: int, fn: Callable, world: int, tensor: int, port: int, out: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world: int, tensor: int, port: int, out: str, args: tuple,
+           pipeline: int = 1, sequence: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    state = ParallelState.initialize(tensor, world // tensor, rank, world, torch.device("cpu"), "gloo", 20.0)
+    state = ParallelState.initialize(tensor, world // (tensor * pipeline), rank, world, torch.device("cpu"), "gloo",
+                                     20.0, pipeline=pipeline, sequence=sequence)
     try:
         result = fn(state, *args)
         torch.save({"ok": result}, os.path.join(out, f"{rank}.pt"))
@@ -36,12 +38,14 @@ def _entry(rank: int, fn: Callable, world: int, tensor: int, port: int, out: str
         state.destroy()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, tensor: int | None = None,
-              timeout: float = 120.0) -> list[Any]:
-    """fn runs on `world` ranks laid out as tensor x (world // tensor) (default: all tensor-parallel)."""
-    tensor = world if tensor is None else tensor
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, tensor: int | None = None, pipeline: int = 1,
+              sequence: bool = False, timeout: float = 120.0) -> list[Any]:
+    """fn runs on `world` ranks laid out as tensor x data x pipeline, data = world // (tensor x pipeline)
+    (default: all tensor-parallel)."""
+    tensor = world // pipeline if tensor is None else tensor
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_entry, args=(fn, world, tensor, free_port(), out, args), nprocs=world,
+        ctx = mp.start_processes(_entry, args=(fn, world, tensor, free_port(), out, args, pipeline, sequence),
+                                 nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:

@@ -53,6 +53,11 @@ def test_paper_presets(preset: str, shape: tuple[int, int, int]) -> None:
     (["precision.dtype=fp8"], "precision.dtype"),
     (["model.dropout=1.5"], "model.dropout"),
     (["model.attention=flash"], "model.attention"),
+    (["parallel.sequence=true"], "parallel.sequence"),         # needs tensor > 1
+    (["parallel.sequence=true", "parallel.tensor=2", "model.seq_length=63"], "parallel.sequence"),
+    (["parallel.schedule=zb"], "parallel.schedule"),
+    (["parallel.virtual_stages=2"], "parallel.virtual_stages"),  # only the interleaved schedule has chunks
+    (["parallel.pipeline=0"], "parallel.pipeline"),
 ])
 def test_semantic_errors_name_the_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as info:

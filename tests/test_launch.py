@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from mtlm.config import ConfigError, validate
 from mtlm.parallel.launch import detect_rank_env, first_slurm_host, threads_per_rank
-from mtlm.parallel.state import data_group_ranks, tensor_group_ranks
+from mtlm.parallel.state import Grid, data_group_ranks, tensor_group_ranks
 from tests.test_config import _compose
 
 
@@ -18,6 +18,32 @@ def test_rank_grid_is_figure_8() -> None:
     assert tensor_group_ranks(16, 8) == [list(range(8)), list(range(8, 16))]
     assert data_group_ranks(16, 8) == [[i, i + 8] for i in range(8)]
     assert tensor_group_ranks(4, 2) == [[0, 1], [2, 3]] and data_group_ranks(4, 2) == [[0, 2], [1, 3]]
+
+
+def test_grid_is_megatron_order_tensor_innermost() -> None:
+    # 8 ranks at t=2, d=2, p=2, worked by hand: rank = tensor + 2 * data + 4 * pipeline.
+    g = Grid(2, 2, 2)
+    assert g.world == 8 and g.model_ranks == 4
+    assert g.groups("tensor") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert g.groups("data") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert g.groups("pipeline") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert g.coords(6) == {"tensor": 0, "data": 1, "pipeline": 1}
+    # Every rank is in exactly one group of each axis, at the position its coordinate says.
+    for axis in ("tensor", "data", "pipeline"):
+        seen = sorted(r for group in g.groups(axis) for r in group)
+        assert seen == list(range(8))
+        for group in g.groups(axis):
+            assert [g.coords(r)[axis] for r in group] == list(range(getattr(g, axis)))
+    assert Grid(1, 1, 4).groups("pipeline") == [[0, 1, 2, 3]]
+    assert Grid(1, 2, 2).groups("data") == [[0, 1], [2, 3]] and Grid(1, 2, 2).groups("pipeline") == [[0, 2], [1, 3]]
+
+
+def test_grid_checks_degrees_and_world() -> None:
+    with pytest.raises(ValueError, match="^parallel.pipeline: must be >= 1, got 0$"):
+        Grid(2, 1, 0).check()
+    with pytest.raises(ValueError, match="launcher started 6 ranks but .* = 2 x 1 x 2 = 4"):
+        Grid(2, 1, 2).check(6)
+    Grid(2, 1, 2).check(4)
 
 
 def test_no_outside_launcher() -> None:

@@ -38,6 +38,7 @@ from mtlm.metrics.memory import (
 )
 from mtlm.parallel.launch import RankEnv, launch
 from mtlm.parallel.layers import pad_vocab_size
+from mtlm.parallel.state import Grid
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DATA = 2  # data-parallel ranks: sharding needs some, and both sides of the comparison use the same layout
@@ -60,7 +61,7 @@ def compose_config(overrides: list[str]) -> Any:
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="bench_memory"):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
-    validate(cfg, world_size=cfg.parallel.tensor * cfg.parallel.data)
+    validate(cfg, world_size=Grid.of(cfg.parallel).world)
     return cfg
 
 

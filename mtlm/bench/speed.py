@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover
 
 from mtlm.metrics.flops import model_flops_per_iteration, peak_tflops
 from mtlm.parallel.layers import pad_vocab_size
-from mtlm.parallel.state import ParallelState
+from mtlm.parallel.state import Grid, ParallelState
 from mtlm.train.precision import DTYPES
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -84,7 +84,7 @@ def compose_config(shape: Shape, precision: str, tensor: int = 1, compile_model:
             f"trainer.compile={compile_model}", f"parallel.tensor={tensor}", *overrides])
     if "data.vocab_size" not in {o.split("=", 1)[0].lstrip("+~") for o in overrides}:
         cfg.data.vocab_size = min(cfg.data.vocab_size, s.vocab)
-    validate(cfg, world_size=cfg.parallel.tensor * cfg.parallel.data)
+    validate(cfg, world_size=Grid.of(cfg.parallel).world)
     return cfg
 
 

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtlm.config import ConfigError, register_configs, validate
+from mtlm.parallel.state import Grid
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 register_configs()
@@ -37,7 +38,7 @@ def validate_plan(cfg: Any, world_size: int | None = None) -> None:
     copy.cluster, copy.plan = None, None  # train.py's validate() refuses them: they are this app's
     if cfg.cluster.device != "cpu":
         copy.trainer.device = "auto"  # planning a GPU cluster from a CPU machine is the point
-    validate(copy, cfg.parallel.tensor * cfg.parallel.data)
+    validate(copy, Grid.of(cfg.parallel).world)
     c = cfg.cluster
     if c.nodes < 1:
         raise ConfigError("cluster.nodes", f"must be >= 1, got {c.nodes}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from mtlm.config import ConfigError
 from mtlm.metrics import flops
+from mtlm.parallel.state import Grid
 from mtlm.plan import perf, sizing
 from mtlm.train.objective import objective_for
 
@@ -94,10 +95,15 @@ def calibration_eta(cfg: Any, cluster: dict[str, Any]) -> tuple[float, dict[str,
 
 
 def check_layout(cfg: Any, cluster: dict[str, Any]) -> None:
-    p = cfg.parallel
-    need = p.tensor * p.data
-    if need > cluster["devices"]:
-        raise ConfigError("parallel.data", f"tensor x data = {p.tensor} x {p.data} = {need} devices, but cluster "
+    grid = Grid.of(cfg.parallel)
+    # The memory and time model here is tensor x data only (pipeline and sequence parallelism: issue 22's
+    # companion, "The planner for three axes"): a plan for them would be silently wrong.
+    for key, off in (("sequence", False), ("pipeline", 1)):
+        if cfg.parallel.get(key, off) != off:
+            raise ConfigError(f"parallel.{key}", "python -m mtlm.plan does not model it yet; plan with "
+                              f"parallel.{key}={str(off).lower()}")
+    if grid.world > cluster["devices"]:
+        raise ConfigError("parallel.data", f"{grid.describe()} devices, but cluster "
                           f"{cluster['name']} has {cluster['devices']} ({cluster['nodes']} node(s) x "
                           f"{cluster['devices_per_node']})")
 
@@ -106,7 +112,7 @@ def threads_per_device(cfg: Any, cluster: dict[str, Any]) -> int:
     """CPU: a device is one rank; its threads as train.py gives them (mtlm/parallel/launch.py)."""
     if cluster["device"] != "cpu":
         return 1
-    ranks_here = min(cfg.parallel.tensor * cfg.parallel.data, cluster["devices_per_node"])
+    ranks_here = min(Grid.of(cfg.parallel).world, cluster["devices_per_node"])
     return cfg.trainer.num_threads or max(1, cluster["devices_per_node"] // ranks_here)
 
 
@@ -129,7 +135,7 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     threads = threads_per_device(cfg, cluster)
     peak = cluster["peak_tflops"][dtype] * threads
     model_flops, hw_flops = objective_for(m).flops(m, t.global_batch_size, rank.padded_vocab_size, recompute)
-    devices = p.tensor * p.data
+    devices = Grid.of(p).world
     micro_steps = t.global_batch_size // (t.micro_batch_size * p.data)
     # Attention dropout beyond its FLOPs: every forward draws the masks, a recompute draws them again.
     scores = perf.attention_scores(m.num_layers, t.micro_batch_size, m.num_attention_heads // p.tensor, m.seq_length)

@@ -15,7 +15,7 @@ from mtlm.checkpoint.format import METADATA, CheckpointError
 from mtlm.config import ConfigError, env_world_size, validate
 from mtlm.data import DataError, build_data, prepare_data
 from mtlm.parallel.launch import RankEnv, launch, rank_device, threads_per_rank
-from mtlm.parallel.state import ParallelState
+from mtlm.parallel.state import Grid, ParallelState
 from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
 from mtlm.train.outcome import error_line, final_line, record_failure
 
@@ -28,8 +28,9 @@ def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
     device = rank_device(cfg.trainer.device, env.local_rank, env.local_world_size)
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else \
         ("nccl" if device.type == "cuda" else "gloo")
-    state = ParallelState.initialize(cfg.parallel.tensor, cfg.parallel.data, env.rank, env.world_size,
-                                     device, backend, cfg.parallel.timeout_s)
+    p = cfg.parallel
+    state = ParallelState.initialize(p.tensor, p.data, env.rank, env.world_size, device, backend, p.timeout_s,
+                                     pipeline=p.pipeline, sequence=p.sequence)
     try:
         train(cfg, state, out_dir if state.is_main else None, cfg_dict)
     finally:
@@ -55,7 +56,7 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
     cfg_dict: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # picklable for spawned ranks
     cfg_dict["checkpoint"]["resume"] = resume  # resolved once here, so every rank and restart agrees
     try:
-        launch(_worker, cfg.parallel.tensor * cfg.parallel.data, (cfg_dict, out_dir), cfg.trainer.max_restarts,
+        launch(_worker, Grid.of(cfg.parallel).world, (cfg_dict, out_dir), cfg.trainer.max_restarts,
                _restarter(cfg_dict, out_dir), device=cfg.trainer.device)
     except (CheckpointError, mp.ProcessRaisedException) as err:
         # A checkpoint that passed the checks above but fails to read inside a rank: still one line.

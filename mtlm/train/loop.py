@@ -200,7 +200,8 @@ class Trainer:
             "hidden_size": c.model.hidden_size, "num_attention_heads": c.model.num_attention_heads,
             "num_layers": c.model.num_layers, "wandb_group": c.logger.get("group"),
             "padded_vocab_size": self.model.padded_vocab_size, "vocab_size": self.model.vocab_size,
-            "tensor": self.state.tensor, "data": self.state.data, "world_size": self.state.world_size,
+            "tensor": self.state.tensor, "data": self.state.data, "pipeline": self.state.pipeline,
+            "sequence_parallel": self.state.sequence, "world_size": self.state.world_size,
             "devices": self.state.world_size, "device_type": self.state.device.type,
             "threads_per_rank": threads, "precision": c.precision.dtype,
             # The machine's 1-minute load at the end (our own ranks included): explains a slow run on shared cores.
