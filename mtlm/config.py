@@ -19,15 +19,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from mtlm.errors import ConfigError as ConfigError  # re-exported: `from mtlm.config import ConfigError`
 from mtlm.plan.schema import ClusterConfig, PlanConfig, check_not_in_train
-
-
-class ConfigError(ValueError):
-    """A bad config value. `str(err)` is the one line shown to the user."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 @dataclass

@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtlm.errors import ConfigError
+
 # What wandb.init accepts as `mode` (wandb 0.17-0.31); online, offline and disabled are the documented ones.
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
@@ -111,8 +113,6 @@ def check_known_keys(cfg: DictConfig, schema: Any = None) -> None:
     """Raise ConfigError for the first key the schema (default: train.py's) does not define, with the closest
     valid key. Another app (mtlm.evaluate, mtlm.generate) passes its own root dataclass. Only a composed
     config (DictConfig) is checked: any other object holds no added keys."""
-    from mtlm.config import ConfigError
-
     if not isinstance(cfg, DictConfig):
         return
     extra = unknown_keys(cfg, schema)
@@ -156,8 +156,6 @@ def sweep_jobs(overrides: list[str], limit: int = 32) -> list[list[str]]:
 def check_logger_mode(cfg: Any) -> None:
     """W&B's mode (logger.mode, else a non-blank $WANDB_MODE) must be one wandb accepts: checked here, so a typo
     is one line before anything starts instead of a pydantic traceback from inside wandb.init."""
-    from mtlm.config import ConfigError
-
     if cfg.logger.name != "wandb":
         return
     mode = cfg.logger.mode
@@ -189,7 +187,7 @@ def compose_error(config_dir: str, overrides: list[str], config_name: str = "con
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from mtlm.config import ConfigError, env_world_size, register_configs, validate
+    from mtlm.config import env_world_size, register_configs, validate
 
     register_configs()
     try:

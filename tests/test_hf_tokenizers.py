@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mtlm.data.errors import DataError
 from mtlm.data.hf_tokenizers import JsonTokenizer, WordPieceTokenizer, check_vocab, from_entry
+from mtlm.errors import DataError
 
 TEXT = ("Héllo, World! The QUICK brown fox's jump-over (at 10:30) naïve café; unaffable 東京 tokenizers\n"
         "second\tline  with   spaces. Unknownword xyzzy?")

@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mtlm.errors import CheckpointError as CheckpointError  # re-exported: the format's own error
 from mtlm.files import respect_umask
 
 FORMAT = "mtlm-checkpoint"
@@ -40,10 +41,6 @@ VERSION = 1
 METADATA = "metadata.json"
 STEP_DIR = re.compile(r"step_(\d+)$")
 PADDED_VOCAB = ("wte.weight", "lm_head.bias")  # parameters whose partition dim is the padded vocabulary
-
-
-class CheckpointError(ValueError):
-    """A missing, damaged or mismatched checkpoint. `str(err)` is one line that names the file."""
 
 
 def rank_file(rank: int) -> str:

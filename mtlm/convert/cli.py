@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mtlm.checkpoint.format import CheckpointError
-from mtlm.data.errors import DataError
+from mtlm.errors import CheckpointError, DataError
 
 # Megatron-LM's --tokenizer-type values, for the WordPiece case: does it lower-case?
 WORDPIECE_TYPES = {"BertWordPieceLowerCase": True, "BertWordPieceCase": False}

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from mtlm.checkpoint.format import CheckpointError
 from mtlm.convert import bloom
 from mtlm.convert.pickles import safe_load
 from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
+from mtlm.errors import CheckpointError
 from mtlm.parallel.state import ParallelState
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")

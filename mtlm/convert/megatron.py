@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 from mtlm.api import model_config
-from mtlm.checkpoint.format import PADDED_VOCAB, CheckpointError
+from mtlm.checkpoint.format import PADDED_VOCAB
 from mtlm.convert.megatron_files import rank_files
 from mtlm.convert.pickles import safe_load
 from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
+from mtlm.errors import CheckpointError
 from mtlm.parallel.layers import pad_vocab_size
 from mtlm.parallel.state import ParallelState
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from mtlm.checkpoint.format import PADDED_VOCAB, CheckpointError
+from mtlm.checkpoint.format import PADDED_VOCAB
 from mtlm.convert.megatron import BERT_TARGET, LAYER_NAMES, MEGATRON_TOKENIZERS
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.writer import read_checkpoint
+from mtlm.errors import CheckpointError
 from mtlm.parallel.layers import pad_vocab_size
 
 # mtlm name -> (nested dicts under `model`, key in the innermost one), as Megatron-LM's

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from mtlm.checkpoint.format import CheckpointError
+from mtlm.errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlm.checkpoint.format import CheckpointError
+from mtlm.errors import CheckpointError
 
 
 class UnsafeCheckpointError(CheckpointError):

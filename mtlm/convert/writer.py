@@ -36,6 +36,7 @@ from mtlm.checkpoint.format import (
     read_metadata,
     write_json,
 )
+from mtlm.errors import DataError
 from mtlm.parallel.state import ParallelState
 
 ModelBuilder = Callable[[Any, int, ParallelState], nn.Module]
@@ -110,7 +111,6 @@ def tokenizer_metadata(tokenizer: Any, rows: int, where: str, divisible: int | N
     size); None without a tokenizer."""
     if tokenizer is None:
         return None
-    from mtlm.data.errors import DataError
     from mtlm.data.hf_tokenizers import check_vocab, tokenizer_entry
 
     try:

@@ -6,13 +6,14 @@ The names below load lazily, so the preprocessing workers (mtlm/data/preprocess.
 
 from importlib import import_module
 
+from mtlm.errors import DataError as DataError  # re-exported: `from mtlm.data import DataError`
+
 _WHERE = {
     "DataBundle": "mtlm.data.build",
     "build_data": "mtlm.data.build",
     "prepare_data": "mtlm.data.build",
     "validate_data_config": "mtlm.data.build",
     "TokenDataset": "mtlm.data.dataset",
-    "DataError": "mtlm.data.errors",
     "Tokenizer": "mtlm.data.tokenizer",
 }
 
@@ -23,4 +24,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mtlm.data' has no attribute {name!r}")
 
 
-__all__ = sorted(_WHERE)
+__all__ = sorted([*_WHERE, "DataError"])

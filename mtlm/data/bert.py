@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mtlm.data.dataset import EpochOrder
-from mtlm.data.errors import DataError
+from mtlm.errors import DataError
 
 MASK_PROB, MASK_TOKEN_PROB, RANDOM_TOKEN_PROB = 0.15, 0.8, 0.1  # the remaining 10% keep their token
 IGNORE = -1  # label of positions that are not predicted

@@ -27,11 +27,11 @@ import numpy as np
 from mtlm.data import cache
 from mtlm.data.corpus import BadDocuments, corpus_bytes, corpus_fingerprint, iter_documents, resolve_paths
 from mtlm.data.dataset import TokenDataset, too_small
-from mtlm.data.errors import DataError
 from mtlm.data.indexed import IndexedDataset
 from mtlm.data.text_tokenizer import TextTokenizer, TokenizerSpec, check_spec, load_tokenizer, tokenizer_spec
 from mtlm.data.token_files import Sources, check_sources, check_vocab, parse_sources, split_datasets
 from mtlm.data.tokenizer import Tokenizer, train_tokenizer
+from mtlm.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
-from mtlm.data.errors import DataError
+from mtlm.errors import DataError
 
 SUFFIXES = tuple(s + c for s in (".txt", ".jsonl") for c in ("", ".gz", ".zst"))
 _HINT = "give existing .txt or .jsonl files (optionally .gz/.zst), or data.paths=[] for the built-in corpus"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtlm.data.errors import DataError
+from mtlm.errors import DataError
 
 
 def too_small(split: str, num_tokens: int, seq_length: int, hint: str | None = None) -> DataError:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mtlm.data.errors import DataError
 from mtlm.data.hf_tokenizers import _tokenizers, _Wrapped
+from mtlm.errors import DataError
 
 EOD = "<|endoftext|>"
 

@@ -23,8 +23,8 @@ import torch
 
 from mtlm.data.cache import atomic_save_npy
 from mtlm.data.dataset import too_small
-from mtlm.data.errors import DataError
 from mtlm.data.indexed import IndexedDataset
+from mtlm.errors import DataError
 
 INDEX_VERSION = 1  # bump when the cached index layout or its meaning changes
 # Epoch 0 is always cached; later epochs (a small corpus seen many times) only when they take a while to build.

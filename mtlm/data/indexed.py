@@ -26,7 +26,7 @@ from types import TracebackType
 
 import numpy as np
 
-from mtlm.data.errors import DataError
+from mtlm.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from mtlm.data.corpus import BadDocument, BadDocuments, decode_jsonl_line, decode_txt, open_binary, resolve_paths
-from mtlm.data.errors import DataError
 from mtlm.data.indexed import IndexedWriter, best_dtype
 from mtlm.data.text_tokenizer import TOKENIZER_TYPES, TokenizerSpec, check_spec, load_tokenizer, tokenizer_spec
+from mtlm.errors import DataError
 
 BATCH_BYTES = 1 << 18  # text handed to a worker at a time
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from mtlm.data.errors import DataError
+from mtlm.errors import DataError
 
 TOKENIZER_TYPES = ("sentencepiece", "gpt2", "wordpiece", "tokenizer.json")
 

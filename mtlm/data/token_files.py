@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mtlm.data.errors import DataError
 from mtlm.data.gpt_dataset import BlendedDataset, TokenFileDataset, index_dir
 from mtlm.data.indexed import IndexedDataset, read_header
+from mtlm.errors import DataError
 
 RAW_SUFFIXES = tuple(s + c for s in (".txt", ".jsonl") for c in ("", ".gz", ".zst"))
 SPLITS = ("train", "valid", "test")

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from mtlm.data.cache import atomic_write_bytes
-from mtlm.data.errors import DataError
+from mtlm.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # The masked-LM (BERT) pieces, reserved as sentencepiece *control* symbols (ids 4, 5, 6): encoding text never

@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from mtlm.data.corpus import BadDocuments, corpus_bytes, iter_documents
-from mtlm.data.errors import DataError
 from mtlm.data.tokenizer import train_tokenizer
+from mtlm.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

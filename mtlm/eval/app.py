@@ -11,9 +11,7 @@ from typing import Any
 
 import torch
 
-from mtlm.checkpoint.format import CheckpointError
-from mtlm.config import ConfigError
-from mtlm.data import DataError
+from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
 from mtlm.parallel.launch import RankEnv, rank_device, threads_per_rank
 from mtlm.parallel.state import ParallelState
 
@@ -40,7 +38,7 @@ def check_overrides(config_name: str, check: Callable[[Any, int | None], None], 
 
 
 def exit_bad_input(err: Exception) -> None:
-    kind = {ConfigError: "config", DataError: "data"}.get(type(err), "checkpoint")
+    kind = error_kind(err)
     print(f"{kind} error: {err}", file=sys.stderr)
     sys.exit(2)
 

@@ -13,8 +13,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from mtlm.config import ConfigError, LoggerConfig, ParallelConfig, PrecisionConfig, register_configs
+from mtlm.config import LoggerConfig, ParallelConfig, PrecisionConfig, register_configs
 from mtlm.config_checks import check_known_keys
+from mtlm.errors import ConfigError, DataError
 
 TASKS = ("wikitext", "lambada")
 DEVICES = ("auto", "cpu", "cuda")
@@ -132,7 +133,6 @@ def _common(cfg: Any, world_size: int | None, device: str, num_threads: int | No
         raise ConfigError("checkpoint.dir", "give the checkpoint to load: checkpoint.dir=DIR")
     tok = cfg.data.tokenizer
     if any(getattr(tok, k) for k in ("type", "model", "vocab_file", "merge_file")):
-        from mtlm.data import DataError
         from mtlm.data.text_tokenizer import check_spec, tokenizer_spec
 
         try:

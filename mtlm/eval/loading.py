@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from mtlm.api import model_config
-from mtlm.checkpoint.format import CheckpointError, ShardReader, check_shard_headers, find_checkpoint, read_metadata
-from mtlm.data import DataError
+from mtlm.checkpoint.format import ShardReader, check_shard_headers, find_checkpoint, read_metadata
 from mtlm.data.text_tokenizer import TextTokenizer, check_spec, tokenizer_from_entry, tokenizer_spec
 from mtlm.data.text_tokenizer import load_tokenizer as load_tokenizer_spec
+from mtlm.errors import CheckpointError, DataError
 from mtlm.model.gpt import GPT
 from mtlm.parallel.state import ParallelState
 from mtlm.train.checkpoint import load_weights

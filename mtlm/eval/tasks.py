@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mtlm.data import DataError
+from mtlm.errors import DataError
 from mtlm.eval.detokenize import original_token_count, wikitext_detokenize
 from mtlm.eval.metrics import lambada_example, perplexities, split_last_word
 from mtlm.eval.scoring import score_continuations, score_stream

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from mtlm.errors import ConfigError
+
 
 def alibi_slopes(num_heads: int) -> list[float]:
     """The slope of every head (the ALiBi paper's geometric sequence, as BLOOM uses it).
@@ -65,8 +67,6 @@ POSITION_EMBEDDINGS = ("learned", "alibi")
 
 def validate_position_options(m: Any, family: str) -> None:
     """model.position_embedding / model.embedding_layernorm (mtlm.config.validate, via model/build.py)."""
-    from mtlm.config import ConfigError
-
     kind = getattr(m, "position_embedding", "learned")
     if kind not in POSITION_EMBEDDINGS:
         raise ConfigError("model.position_embedding", f"must be learned or alibi, got {kind!r}")

@@ -12,6 +12,7 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from torch import nn
 
+from mtlm.errors import ConfigError
 from mtlm.model.alibi import validate_position_options
 from mtlm.model.transformer import ACTIVATIONS, LAYERNORM_ORDERS
 from mtlm.parallel.state import ParallelState
@@ -35,8 +36,6 @@ def build_model(cfg: Any, vocab_size: int, state: ParallelState, **kwargs: Any) 
 
 def validate_model_config(m: Any) -> None:
     """model.* checks the shared schema cannot express (called by mtlm.config.validate)."""
-    from mtlm.config import ConfigError
-
     try:
         cls = model_class(m)
     except Exception as err:  # hydra wraps import errors in several types; one line is all the user needs

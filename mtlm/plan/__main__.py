@@ -16,7 +16,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mtlm.config import ConfigError, register_configs, validate
+from mtlm.config import register_configs, validate
+from mtlm.errors import ConfigError
 from mtlm.parallel.state import Grid
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mtlm.config import ConfigError
+from mtlm.errors import ConfigError
 from mtlm.metrics import flops
 from mtlm.parallel.state import Grid
 from mtlm.plan import perf, sizing

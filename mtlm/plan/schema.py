@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mtlm.errors import ConfigError
+
 
 @dataclass
 class CalibrationPoint:
@@ -77,8 +79,6 @@ NOT_IN_TRAIN = ("is python -m mtlm.plan's (docs/planner.md); train.py does not r
 
 def check_not_in_train(cfg: object) -> None:
     """train.py reads neither group: `+cluster=...` or `+plan.x=...` there would be a silently ignored setting."""
-    from mtlm.config import ConfigError
-
     for key in ("cluster", "plan"):
         if getattr(cfg, "get", lambda k: None)(key) is not None:
             raise ConfigError(key, NOT_IN_TRAIN)

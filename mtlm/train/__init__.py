@@ -11,9 +11,10 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
-from mtlm.checkpoint.format import METADATA, CheckpointError
-from mtlm.config import ConfigError, env_world_size, validate
-from mtlm.data import DataError, build_data, prepare_data
+from mtlm.checkpoint.format import METADATA
+from mtlm.config import env_world_size, validate
+from mtlm.data import build_data, prepare_data
+from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
 from mtlm.parallel.launch import RankEnv, launch, rank_device, threads_per_rank
 from mtlm.parallel.state import Grid, ParallelState
 from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
@@ -45,7 +46,7 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
         resume = check_before_launch(cfg, lambda: cfg.model.vocab_size or build_data(
             cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size)
     except (ConfigError, DataError, CheckpointError) as err:
-        kind = {ConfigError: "config", DataError: "data"}.get(type(err), "checkpoint")
+        kind = error_kind(err)
         record_failure(out_dir, f"{kind} error: {err}")  # a multirun / torchrun job: Hydra made the dir already
         print(f"{kind} error: {err}", file=sys.stderr)
         sys.exit(2)

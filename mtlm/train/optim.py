@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mtlm.errors import ConfigError
 from mtlm.parallel.state import ParallelState
 
 
@@ -67,8 +68,6 @@ def optimizer_factory(cfg: Any) -> Callable[..., torch.optim.Optimizer]:
 
 def check_optimizer_config(o: Any) -> None:
     """optimizer.* keys another optimizer takes, set for this one (a silently ignored setting otherwise)."""
-    from mtlm.config import ConfigError
-
     takes = OPTIMIZER_KEYS.get(o._target_)
     if takes is None:
         return  # another class named by the user: instantiate() reports what it does not take
