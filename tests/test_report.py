@@ -215,20 +215,20 @@ def test_experiment_sweeps_compose(name: str) -> None:
         assert [c.parallel.tensor * c.parallel.data for c in cfgs] == [64, 128, 512]
 
 
-def test_readme_slurm_commands_compose() -> None:
-    """README's SLURM commands for the paper's studies: the launcher's tasks match each job's ranks."""
+def test_documented_slurm_commands_compose() -> None:
+    """docs/scaling.md's SLURM commands for the paper's studies: the launcher's tasks match each job's ranks."""
     from hydra import compose, initialize_config_dir
 
     from mtlm.config import register_configs
 
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "scaling.md").read_text()
     pairs = {"weak_scaling_tp_dp": "paper_1.2b_t1:8 paper_2.5b_t2:16 paper_4.2b_t4:32 paper_8.3b_t8:64",
              "gpt2_paper": "paper_355m_t1:8 paper_2.5b_t2:16 paper_8.3b_h24_t8:64"}
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf"), job_name="slurm"):
         for experiment, spec in pairs.items():
-            assert spec in readme
+            assert spec in page
             for pair in spec.split():
                 scale, nodes = pair.split(":")
                 cfg = compose(config_name="config", return_hydra_config=True, overrides=[
@@ -240,6 +240,7 @@ def test_readme_slurm_commands_compose() -> None:
                 assert int(nodes) * 8 == cfg.parallel.tensor * cfg.parallel.data
                 assert cfg.hydra.callbacks.scaling_report.baseline == "multirun/weak_scaling_tp/x/0"
         # Tensor parallel only: one task per job on one 8-GPU node; the job spawns up to 8 ranks itself.
+        assert "hydra.launcher.tasks_per_node=1 hydra.launcher.gpus_per_node=8 hydra.launcher.cpus_per_task=80" in page
         cfg = compose(config_name="config", return_hydra_config=True, overrides=[
             "+experiment=weak_scaling_tp", "scale=paper_8.3b_t8", "hydra/launcher=slurm", "hydra.launcher.nodes=1",
             "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=8", "hydra.launcher.cpus_per_task=80"])
