@@ -19,7 +19,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from mtlm.train import run
+    from mtlm.run import run
 
     hydra_cfg = HydraConfig.get()
     run(cfg, hydra_cfg.runtime.output_dir if hydra_cfg.output_subdir is not None else None)
@@ -40,7 +40,8 @@ def _check_overrides() -> None:
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     if any(a.startswith("-") for a in args):  # --help, --cfg ...: leave to Hydra
         return
-    from mtlm.config_checks import compose_error, sweep_jobs
+    from mtlm.checks import compose_error  # deferred: torch loads only once the overrides parse
+    from mtlm.config_checks import sweep_jobs
 
     jobs = sweep_jobs(args) if len(args) < len(sys.argv) - 1 else [args]
     for job in jobs:

@@ -12,15 +12,17 @@ mtlm/metrics/sinks.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mtlm.errors import ConfigError as ConfigError  # re-exported: `from mtlm.config import ConfigError`
-from mtlm.plan.schema import ClusterConfig, PlanConfig, check_not_in_train
 
 
 @dataclass
@@ -193,6 +195,72 @@ class CheckpointConfig:
     overwrite: bool = False
 
 
+# ---- python -m mtlm.plan's groups: `cluster` and `plan` (conf/cluster/, conf/plan.yaml; docs/planner.md) ----
+# Config holds both as optional nodes that stay null in train.py (conf/config.yaml selects neither). Every
+# number of a cluster file carries a comment naming its source (datasheet, paper, NCCL's own performance model,
+# or measured here).
+
+
+@dataclass
+class CalibrationPoint:
+    """The one measured or published point the achievable compute fraction comes from (docs/planner.md).
+
+    A GPT run of this shape on one device of the cluster, at `tflops_per_device` model TFLOP/s (mtlm's
+    `tflops_per_device`: 72·B·s·l·h²·(...) per step, recompute not counted). null on cpu_local: measured by
+    `plan.calibrate=true` and cached.
+    """
+
+    source: str = ""
+    num_layers: int = 1
+    hidden_size: int = 1
+    num_attention_heads: int = 1
+    seq_length: int = 1
+    vocab_size: int = 1  # padded
+    batch: int = 1
+    recompute: bool = False
+    precision: str = "fp16"
+    threads: int = 1  # CPU: threads of the calibration rank
+    dropout: float = 0.0  # the run's model.dropout (on a CPU the dropout masks cost ~10% of a step)
+    # Ranks running the shape at once, data-parallel (one micro-batch of `batch` each); null: every core of
+    # the node. A GPU's rate does not depend on its neighbours (1); a CPU core's does (docs/planner.md).
+    ranks: int | None = 1
+    tflops_per_device: float | None = None
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "cpu_local"
+    device: str = "cpu"  # a GPU name, or cpu
+    # A "device" on a CPU is one rank; its peak is the probed per-core GEMM rate x its threads.
+    devices_per_node: int | None = None  # null: this machine's cores (probed)
+    nodes: int = 1
+    device_memory_gb: float | None = None  # null: this machine's RAM (probed)
+    # Dense GEMM peak per device and dtype, TFLOP/s; null: probed per core on this CPU (mtlm/metrics/flops.py).
+    peak_tflops: dict[str, float | None] = field(default_factory=lambda: {"fp32": None, "bf16": None,
+                                                                          "fp16": None})
+    # Ring all-reduce inside a node: bandwidth per device per direction (GB/s) and latency per ring step (us).
+    intra_node_bw_gbps: float | None = None  # null: measured with gloo here (cached)
+    intra_node_step_latency_us: float | None = None
+    # Between nodes: the node's total network bandwidth per direction (GB/s), shared by its devices.
+    inter_node_bw_gbps: float = 0.0
+    inter_node_step_latency_us: float = 0.0
+    collective_base_latency_us: float = 0.0  # fixed cost of one collective launch
+    # Attention dropout's cost beyond its FLOPs, ns per attention score (b·heads·s² per layer and forward):
+    # a CPU draws the mask serially and leaves the fused kernel; a GPU draws it inside the kernel (0: none).
+    # null: probed here (cpu_local). It matters when a recompute draws the masks again (docs/planner.md).
+    attention_dropout_ns_per_score: float | None = 0.0
+    calibration: CalibrationPoint = field(default_factory=CalibrationPoint)
+
+
+@dataclass
+class PlanConfig:
+    # Measure the calibration point here (cpu_local only): a short train.py run, cached per CPU and torch.
+    calibrate: bool = False
+    calibration_steps: int = 20  # steps of that run (its first `timing_warmup_steps` are not timed)
+    # torch DDP's default gradient bucket (bucket_cap_mb=25): the last bucket's all-reduce is never hidden.
+    ddp_bucket_mb: float = 25.0
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -204,7 +272,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # python -m mtlm.plan only (conf/plan.yaml selects them; null under train.py): mtlm/plan/schema.py.
+    # python -m mtlm.plan only (conf/plan.yaml selects them; null under train.py): the schemas above.
     cluster: ClusterConfig | None = None
     plan: PlanConfig | None = None
 
@@ -212,8 +280,6 @@ class Config:
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
     OmegaConf.register_new_resolver("mtlm.sweep_group", _sweep_group, replace=True)
-    from mtlm.config_checks import default_checkpoint_dir
-
     OmegaConf.register_new_resolver("mtlm.checkpoint_dir", default_checkpoint_dir, replace=True)
 
 
@@ -225,188 +291,54 @@ def _sweep_group() -> str | None:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    from mtlm.report import sweep_group_name
-
     return sweep_group_name(HydraConfig.get().sweep.dir)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Semantic checks. Each raises ConfigError naming the key; validate() runs them all before anything heavy.
+def sweep_group_name(sweep_dir: str | Path) -> str:
+    """W&B group of a sweep: the sweep dir's last two parts, e.g. weak_scaling_cpu/2026-11-25_18-00-00."""
+    parts = Path(sweep_dir).resolve().parts
+    return "/".join(parts[-2:])
 
 
-def _positive(cfg: Any, key: str) -> None:
-    section, name = key.split(".")
-    value = getattr(getattr(cfg, section), name)
-    if value <= 0:
-        raise ConfigError(key, f"must be > 0, got {value}")
+# ---- the default checkpoint folder (`${mtlm.checkpoint_dir:}`) --------------------
+# The model keys that decide what a checkpoint holds (its tensors' shapes and what they mean); the vocabulary
+# comes from model.vocab_size or else the tokenizer (data.vocab_size / data.tokenizer). Keys a resume may
+# change (seq_length, dropout, attention, vocab padding) are left out.
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "vocab_size")
+# Keys that also change what the tensors mean, counted only away from GPT-2's values, so adding such a key to
+# the schema leaves every existing folder name as it was.
+SHAPE_KEYS_IF_NOT = {"_target_": "mtlm.model.gpt.GPT", "activation": "gelu_tanh", "layernorm_order": "pre"}
 
 
-def validate(cfg: Any, world_size: int | None = None) -> None:
-    """Check everything a type cannot. `world_size` is the number of ranks a launcher provides, if any."""
-    from mtlm.config_checks import check as check_keys_and_modes
+def shape_digest(model: Any, data: Any) -> str:
+    """Six hex digits that change with anything a checkpoint's tensors depend on (SHAPE_KEYS...)."""
+    def get(node: Any, key: str) -> Any:
+        return node.get(key) if hasattr(node, "get") else getattr(node, key, None)
 
-    check_keys_and_modes(cfg)  # keys the schema lacks (added with +/++), logger.mode
-    check_not_in_train(cfg)  # cluster / plan: python -m mtlm.plan's groups (it validates a copy without them)
-    m, p, t = cfg.model, cfg.parallel, cfg.trainer
-    for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
-                "model.max_position_embeddings", "parallel.tensor", "parallel.data", "parallel.pipeline",
-                "parallel.virtual_stages", "trainer.max_steps",
-                "trainer.micro_batch_size", "trainer.global_batch_size", "trainer.log_interval",
-                "trainer.eval_interval", "trainer.eval_iters", "model.make_vocab_size_divisible_by"):
-        _positive(cfg, key)
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError("model.hidden_size", f"{m.hidden_size} is not divisible by "
-                          f"model.num_attention_heads={m.num_attention_heads}")
-    if m.num_attention_heads % p.tensor:
-        raise ConfigError("parallel.tensor", f"{p.tensor} does not divide model.num_attention_heads="
-                          f"{m.num_attention_heads} (each rank owns whole heads, §3)")
-    if m.seq_length > m.max_position_embeddings:
-        raise ConfigError("model.seq_length", f"{m.seq_length} exceeds model.max_position_embeddings="
-                          f"{m.max_position_embeddings}")
-    if m.attention not in ATTENTION_IMPLS:
-        raise ConfigError("model.attention", f"must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention!r}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if m.vocab_size is not None and m.vocab_size <= 0:
-        raise ConfigError("model.vocab_size", f"must be > 0 or null, got {m.vocab_size}")
-    if t.global_batch_size % (t.micro_batch_size * p.data):
-        raise ConfigError("trainer.global_batch_size", f"{t.global_batch_size} is not divisible by "
-                          f"trainer.micro_batch_size x parallel.data = {t.micro_batch_size} x {p.data}")
-    if t.grad_clip < 0:
-        raise ConfigError("trainer.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("trainer.device", f"must be auto, cpu or cuda, got {t.device!r}")
-    if t.num_threads is not None and t.num_threads <= 0:
-        raise ConfigError("trainer.num_threads", f"must be > 0 or null, got {t.num_threads}")
-    if t.max_restarts < 0:
-        raise ConfigError("trainer.max_restarts", f"must be >= 0, got {t.max_restarts}")
-    if p.backend not in ("auto", "gloo", "nccl"):
-        raise ConfigError("parallel.backend", f"must be auto, gloo or nccl, got {p.backend!r}")
-    if p.timeout_s <= 0:
-        raise ConfigError("parallel.timeout_s", f"must be > 0, got {p.timeout_s}")
-    from mtlm.model.build import validate_model_config
-
-    validate_model_config(m)
-    _validate_optim(cfg)
-    _validate_precision(cfg)
-    _validate_checkpoint(cfg)
-    if cfg.logger.name not in ("wandb", "none"):
-        raise ConfigError("logger.name", f"must be wandb or none, got {cfg.logger.name!r}")
-    _validate_layout(cfg, world_size)
-
-    from mtlm.data import DataError, validate_data_config
-
-    try:
-        validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
-    except DataError as err:
-        raise ConfigError(str(err).split(":", 1)[0], str(err).split(":", 1)[-1].strip()) from None
+    shape = {k: get(model, k) for k in SHAPE_KEYS if get(model, k) is not None}
+    shape.update({k: get(model, k) for k, usual in SHAPE_KEYS_IF_NOT.items() if get(model, k) not in (None, usual)})
+    if shape.get("vocab_size") is None:  # the tokenizer's vocabulary: its size, and a tokenizer file if one is set
+        shape["data.vocab_size"] = get(data, "vocab_size")
+        tok = get(data, "tokenizer")
+        if isinstance(tok, DictConfig):
+            tok = OmegaConf.to_container(tok, resolve=True)
+        if isinstance(tok, dict):  # {type, model, vocab_file, ...}: the set ones; sentencepiece trained is the default
+            tok = {k: v for k, v in tok.items() if v is not None and (k, v) != ("type", "sentencepiece")} or None
+        if tok:
+            shape["data.tokenizer"] = tok
+    return hashlib.sha1(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
-def _validate_optim(cfg: Any) -> None:
-    o, s = cfg.optimizer, cfg.scheduler
-    if o.lr <= 0:
-        raise ConfigError("optimizer.lr", f"must be > 0, got {o.lr}")
-    if o.weight_decay < 0:
-        raise ConfigError("optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    if o.betas is not None and (len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas)):
-        raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
-    from mtlm.train.optim import check_optimizer_config
+def default_checkpoint_dir(*, _root_: DictConfig) -> str:
+    """`${mtlm.checkpoint_dir:}`, checkpoint.dir's default. A run: checkpoints/<model.name>-<shape digest>,
+    relative to the launch dir, so a later `checkpoint.resume=auto` with the same shape finds it and another
+    shape never meets it. A multirun job: `checkpoints/` in the job's own dir (jobs of one sweep often share a
+    shape, and each is its own timeline)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    check_optimizer_config(o)
-    if s.decay not in ("cosine", "linear", "constant"):
-        raise ConfigError("scheduler.decay", f"must be cosine, linear or constant, got {s.decay!r}")
-    if s.warmup_steps < 0:
-        raise ConfigError("scheduler.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
-    if s.decay_steps is not None and s.decay_steps <= 0:
-        raise ConfigError("scheduler.decay_steps", f"must be > 0 or null, got {s.decay_steps}")
-    if not 0.0 <= s.min_lr <= o.lr:
-        raise ConfigError("scheduler.min_lr", f"must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        sweep = HydraConfig.get().sweep
+        return os.path.join(str(sweep.dir), str(sweep.subdir), "checkpoints")
+    return f"checkpoints/{_root_.model.name}-{shape_digest(_root_.model, _root_.data)}"
 
-
-def _validate_precision(cfg: Any) -> None:
-    pr = cfg.precision
-    if pr.dtype not in ("fp32", "bf16", "fp16"):
-        raise ConfigError("precision.dtype", f"must be fp32, bf16 or fp16, got {pr.dtype!r}")
-    if pr.initial_scale <= 0 or pr.min_scale <= 0 or pr.min_scale > pr.initial_scale:
-        raise ConfigError("precision.initial_scale", "need 0 < precision.min_scale <= precision.initial_scale")
-    if pr.growth_interval <= 0:
-        raise ConfigError("precision.growth_interval", f"must be > 0, got {pr.growth_interval}")
-
-
-def _validate_checkpoint(cfg: Any) -> None:
-    c = cfg.checkpoint
-    if not c.dir:
-        raise ConfigError("checkpoint.dir", "must be a non-empty path")
-    if c.interval < 0:
-        raise ConfigError("checkpoint.interval", f"must be >= 0 (0: save only at the end), got {c.interval}")
-    if c.keep < 1:
-        raise ConfigError("checkpoint.keep", f"must be >= 1, got {c.keep}")
-    if not c.resume:
-        raise ConfigError("checkpoint.resume", "must be none, auto or a checkpoint path")
-
-
-def _validate_layout(cfg: Any, world_size: int | None) -> None:
-    """The rank layout: world = tensor x data x pipeline, and on GPUs no more local ranks than devices."""
-    import torch
-
-    from mtlm.parallel.state import Grid
-
-    p = cfg.parallel
-    grid = Grid.of(p)
-    needed = grid.world
-    try:
-        grid.check(world_size)
-    except ValueError as err:
-        key, message = str(err).split(": ", 1)
-        raise ConfigError(key, message) from None
-    _validate_new_axes(cfg)
-
-    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", "cuda requested but no CUDA device is visible")
-    if _uses_cuda(cfg) and world_size is None and needed > torch.cuda.device_count():
-        raise ConfigError("parallel.tensor", f"{needed} ranks (tensor x data x pipeline) need {needed} GPUs on this "
-                          f"machine but {torch.cuda.device_count()} are visible")
-    if p.backend == "nccl" and not _uses_cuda(cfg):
-        raise ConfigError("parallel.backend", "nccl needs CUDA devices; use gloo (or auto) on CPU")
-
-
-PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
-def _validate_new_axes(cfg: Any) -> None:
-    """Sequence and pipeline parallelism: what each needs, before any rank is spawned."""
-    m, p = cfg.model, cfg.parallel
-    if p.get("sequence", False):
-        if p.tensor < 2:
-            raise ConfigError("parallel.sequence", "needs parallel.tensor > 1 (it splits the tensor-parallel "
-                              "region's sequence over the tensor group)")
-        if m.seq_length % p.tensor:
-            raise ConfigError("parallel.sequence", f"model.seq_length={m.seq_length} is not divisible by "
-                              f"parallel.tensor={p.tensor} (each rank holds 1/tensor of the sequence)")
-    schedule = p.get("schedule", "1f1b")
-    if schedule not in PIPELINE_SCHEDULES:
-        raise ConfigError("parallel.schedule", f"must be one of {', '.join(PIPELINE_SCHEDULES)}, got {schedule!r}")
-    pipeline, virtual = p.get("pipeline", 1), p.get("virtual_stages", 1)
-    if virtual > 1 and schedule != "interleaved_1f1b":
-        raise ConfigError("parallel.virtual_stages", f"{virtual} needs parallel.schedule=interleaved_1f1b")
-    if pipeline == 1:
-        return
-    raise ConfigError("parallel.pipeline", f"{pipeline}: pipeline parallelism is not implemented yet; "
-                      "use parallel.pipeline=1")
-
-
-def _uses_cuda(cfg: Any) -> bool:
-    import torch
-
-    if cfg.trainer.device == "cpu":
-        return False
-    return torch.cuda.is_available()
-
-
-def env_world_size() -> int | None:
-    """The world size a launcher (torchrun, SLURM) set up for us, or None when we launch ranks ourselves."""
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_NTASKS"])
-    return None

@@ -12,34 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import os
 import typing
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from mtlm.config import Config
 from mtlm.errors import ConfigError
 
 # What wandb.init accepts as `mode` (wandb 0.17-0.31); online, offline and disabled are the documented ones.
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
-# The model keys that decide what a checkpoint holds (its tensors' shapes and what they mean); the vocabulary
-# comes from model.vocab_size or else the tokenizer (data.vocab_size / data.tokenizer). Keys a resume may
-# change (seq_length, dropout, attention, vocab padding) are left out.
-SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "vocab_size")
-# Keys that also change what the tensors mean, counted only away from GPT-2's values, so adding such a key to
-# the schema leaves every existing folder name as it was.
-SHAPE_KEYS_IF_NOT = {"_target_": "mtlm.model.gpt.GPT", "activation": "gelu_tanh", "layernorm_order": "pre"}
 
 
 def schema_keys(schema: Any = None, prefix: str = "") -> list[str]:
     """Dotted names of every key a typed schema (default: train.py's, mtlm.config.Config) defines, nodes
     and leaves."""
     if schema is None:
-        from mtlm.config import Config
-
         schema = Config
     keys = []
     hints = typing.get_type_hints(schema)
@@ -174,64 +164,10 @@ def check(cfg: Any) -> None:
     check_logger_mode(cfg)
 
 
-def compose_error(config_dir: str, overrides: list[str], config_name: str = "config", check: Any = None,
-                  schema: Any = None) -> str | None:
-    """Compose and validate the config the way train.py will; any complaint as one line (None if fine).
-    `config_name` / `check` / `schema`: another app's root config, validate function and root dataclass
-    (mtlm.evaluate, mtlm.generate, mtlm.plan).
-
-    Hydra reports a bad override or unknown preset over several lines; users get this single line instead,
-    before Hydra makes an output dir or anything is launched.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from mtlm.config import env_world_size, register_configs, validate
-
-    register_configs()
-    try:
-        with initialize_config_dir(version_base="1.3", config_dir=config_dir, job_name="check"):
-            cfg = compose(config_name=config_name, overrides=overrides)
-        (check or validate)(cfg, env_world_size())
-    except ConfigError as err:
-        return f"config error: {err}"
-    except AssertionError:
-        # OmegaConf.update asserts, naming no key, when an override sets a key inside a null node.
-        line = null_section_message(overrides, config_name, schema)
-        if line is None:
-            raise
-        return f"config error: {line}"
-    except (HydraException, OmegaConfBaseException) as err:
-        if (line := unknown_key_message(err, schema)) is not None:
-            return f"config error: {line}"
-        from mtlm.data.text_tokenizer import legacy_override_message
-
-        if (line := legacy_override_message(overrides)) is not None:
-            return f"config error: {line}"
-        return "config error: " + _hydra_lines(err)
-    return None
-
-
-def _hydra_lines(err: BaseException) -> str:
-    """Hydra's report (and its cause) folded to one line, without its search path and type noise."""
-    parts = [str(err)] + ([str(err.__cause__)] if err.__cause__ else [])
-    lines = [ln.strip() for part in parts for ln in part.splitlines() if ln.strip()]
-    if any(ln.startswith("Config search path") for ln in lines):
-        lines = lines[: next(i for i, ln in enumerate(lines) if ln.startswith("Config search path"))]
-    if any(ln.startswith("Available options") for ln in lines):
-        i = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
-        lines = lines[:i] + [lines[i].rstrip(":").replace("Available", "available") + ": " + ", ".join(lines[i + 1:])]
-    lines = [ln for ln in lines if not ln.startswith(("reference_type", "object_type", "Set the env"))]
-    return "; ".join(lines)
-
-
 def null_section_message(overrides: list[str], config_name: str = "config", schema: Any = None) -> str | None:
     """The one line for an override such as `+cluster.foo=1` that sets a key inside a section that is null
     in this config (train.py's `cluster` and `plan`), or None when no override does."""
     if schema is None:
-        from mtlm.config import Config
-
         schema = Config
     hints = typing.get_type_hints(schema)
     nullable = {f.name for f in dataclasses.fields(schema)
@@ -242,45 +178,17 @@ def null_section_message(overrides: list[str], config_name: str = "config", sche
         if "." not in key or section not in nullable:
             continue
         if config_name == "config" and section in ("cluster", "plan"):
-            from mtlm.plan.schema import NOT_IN_TRAIN
-
             return f"{key}: {section} {NOT_IN_TRAIN}"
         return f"{key}: {section} is null in this config, so it holds no keys; select a {section} first"
     return None
 
 
-# ---- the default checkpoint folder -------------------------------------------------------------------------
+NOT_IN_TRAIN = ("is python -m mtlm.plan's (docs/planner.md); train.py does not read it: drop it, or run "
+                "python -m mtlm.plan with the same overrides")
 
 
-def shape_digest(model: Any, data: Any) -> str:
-    """Six hex digits that change with anything a checkpoint's tensors depend on (SHAPE_KEYS...)."""
-    def get(node: Any, key: str) -> Any:
-        return node.get(key) if hasattr(node, "get") else getattr(node, key, None)
-
-    shape = {k: get(model, k) for k in SHAPE_KEYS if get(model, k) is not None}
-    shape.update({k: get(model, k) for k, usual in SHAPE_KEYS_IF_NOT.items() if get(model, k) not in (None, usual)})
-    if shape.get("vocab_size") is None:  # the tokenizer's vocabulary: its size, and a tokenizer file if one is set
-        shape["data.vocab_size"] = get(data, "vocab_size")
-        tok = get(data, "tokenizer")
-        if isinstance(tok, DictConfig):
-            tok = OmegaConf.to_container(tok, resolve=True)
-        if isinstance(tok, dict):  # {type, model, vocab_file, ...}: the set ones; sentencepiece trained is the default
-            tok = {k: v for k, v in tok.items() if v is not None and (k, v) != ("type", "sentencepiece")} or None
-        if tok:
-            shape["data.tokenizer"] = tok
-    return hashlib.sha1(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:6]
-
-
-def default_checkpoint_dir(*, _root_: DictConfig) -> str:
-    """`${mtlm.checkpoint_dir:}`, checkpoint.dir's default. A run: checkpoints/<model.name>-<shape digest>,
-    relative to the launch dir, so a later `checkpoint.resume=auto` with the same shape finds it and another
-    shape never meets it. A multirun job: `checkpoints/` in the job's own dir (jobs of one sweep often share a
-    shape, and each is its own timeline)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        sweep = HydraConfig.get().sweep
-        return os.path.join(str(sweep.dir), str(sweep.subdir), "checkpoints")
-    return f"checkpoints/{_root_.model.name}-{shape_digest(_root_.model, _root_.data)}"
-
+def check_not_in_train(cfg: object) -> None:
+    """train.py reads neither group: `+cluster=...` or `+plan.x=...` there would be a silently ignored setting."""
+    for key in ("cluster", "plan"):
+        if getattr(cfg, "get", lambda k: None)(key) is not None:
+            raise ConfigError(key, NOT_IN_TRAIN)

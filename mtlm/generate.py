@@ -19,11 +19,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mtlm.config import env_world_size
 from mtlm.errors import ConfigError
 from mtlm.eval.app import BAD_INPUT, check_heads, check_overrides, exit_bad_input, rank_model
 from mtlm.eval.config import GenerateConfig, register_eval_configs, validate_generate
-from mtlm.parallel.launch import RankEnv, launch
+from mtlm.parallel.launch import RankEnv, env_world_size, launch
 
 register_eval_configs()
 

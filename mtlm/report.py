@@ -27,6 +27,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from mtlm.config import sweep_group_name as sweep_group_name  # re-exported: report.sweep_group_name
+
 # scaling.csv columns: (column, summary.json key). Every number is copied from the job's summary unchanged.
 CSV_FIELDS: tuple[tuple[str, str], ...] = (
     ("job", "job"), ("model", "model"), ("hidden_size", "hidden_size"),
@@ -228,12 +230,6 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, baseline_tflops_per
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def sweep_group_name(sweep_dir: str | Path) -> str:
-    """W&B group of a sweep: the sweep dir's last two parts, e.g. weak_scaling_cpu/2026-11-25_18-00-00."""
-    parts = Path(sweep_dir).resolve().parts
-    return "/".join(parts[-2:])
 
 
 # What the last W&B report run of a sweep was, so that making the report again replaces it (not a second

@@ -12,7 +12,8 @@ import os
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mtlm.config import register_configs, validate
+from mtlm.checks import validate
+from mtlm.config import register_configs
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 # A model small enough that a Trainer step takes milliseconds, and a vocabulary quick to train.

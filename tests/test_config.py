@@ -10,7 +10,8 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mtlm.config import ConfigError, register_configs, validate
+from mtlm.checks import validate
+from mtlm.config import ConfigError, register_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")

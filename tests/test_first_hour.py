@@ -23,8 +23,9 @@ import torch
 
 from mtlm import load_model
 from mtlm.checkpoint.format import latest_checkpoint, read_metadata
-from mtlm.config import ConfigError, validate
-from mtlm.config_checks import closest_key, compose_error, shape_digest
+from mtlm.checks import compose_error, validate
+from mtlm.config import ConfigError, shape_digest
+from mtlm.config_checks import closest_key
 from mtlm.train.timeline import claim_folder
 from tests.compose import CONF, SMALL_MODEL, compose_config
 
@@ -202,7 +203,7 @@ def test_wandb_mode_from_the_environment(monkeypatch, tmp_path: Path) -> None:
 
 
 def _run_in_process(tmp_path: Path, *overrides: str):
-    from mtlm.train import run
+    from mtlm.run import run
 
     cfg = compose_config(*SMALL_MODEL, "trainer.max_steps=2", "trainer.num_threads=1", "trainer.eval_iters=1",
                          f"checkpoint.dir={tmp_path / 'ck'}", *overrides)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mtlm.config import ConfigError, validate
+from mtlm.checks import validate
+from mtlm.config import ConfigError
 from mtlm.parallel.launch import detect_rank_env, first_slurm_host, threads_per_rank
 from mtlm.parallel.state import Grid, data_group_ranks, tensor_group_ranks
 from tests.test_config import _compose

@@ -15,8 +15,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from mtlm.checks import compose_error
 from mtlm.config import register_configs
-from mtlm.config_checks import compose_error
 from mtlm.plan import perf, sizing
 from mtlm.plan.__main__ import validate_plan
 from mtlm.plan.planner import make_plan, slow_precision_line

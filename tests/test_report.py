@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from mtlm import report
-from mtlm.config import validate
+from mtlm.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {  # job: (model, hidden, heads, layers, params, tensor, TFLOP/s per device)

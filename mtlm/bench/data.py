@@ -101,7 +101,8 @@ def bench_train_step(prefix: str, vocab: int, steps: int, warmup: int) -> dict[s
     """gpt2_tiny's training step (the real Trainer, fp32, this process's threads) on the same token file."""
     from hydra import compose, initialize_config_dir
 
-    from mtlm.config import register_configs, validate
+    from mtlm.checks import validate
+    from mtlm.config import register_configs
     from mtlm.parallel import ParallelState
     from mtlm.train.loop import Trainer
 

@@ -56,7 +56,8 @@ MIB, GB = 2**20, 1e9
 def compose_config(overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
 
-    from mtlm.config import register_configs, validate
+    from mtlm.checks import validate
+    from mtlm.config import register_configs
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="bench_memory"):

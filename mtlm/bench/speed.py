@@ -69,7 +69,8 @@ def compose_config(shape: Shape, precision: str, tensor: int = 1, compile_model:
     work per step does not depend on how many of the model's rows the tokens use."""
     from hydra import compose, initialize_config_dir
 
-    from mtlm.config import register_configs, validate
+    from mtlm.checks import validate
+    from mtlm.config import register_configs
 
     s = shape
     register_configs()

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mtlm.checks import compose_error
 from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
 from mtlm.parallel.launch import RankEnv, rank_device, threads_per_rank
 from mtlm.parallel.state import ParallelState
@@ -25,8 +26,6 @@ def check_overrides(config_name: str, check: Callable[[Any, int | None], None], 
     args = sys.argv[1:]
     if any(a.startswith("-") for a in args):  # --help, --cfg ...: Hydra's own
         return
-    from mtlm.config_checks import compose_error
-
     error = compose_error(CONF_DIR, args, config_name, check, schema)
     if error:
         print(error, file=sys.stderr)

@@ -64,6 +64,15 @@ def detect_rank_env(environ: Mapping[str, str]) -> RankEnv | None:
     return None
 
 
+def env_world_size() -> int | None:
+    """The world size a launcher (torchrun, SLURM) set up for us, or None when we launch ranks ourselves."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

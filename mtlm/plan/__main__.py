@@ -16,7 +16,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mtlm.config import register_configs, validate
+from mtlm.checks import compose_error, validate
+from mtlm.config import register_configs
+from mtlm.config_checks import sweep_jobs
 from mtlm.errors import ConfigError
 from mtlm.parallel.state import Grid
 
@@ -100,8 +102,6 @@ def _check_overrides() -> None:
     args = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     if any(a.startswith("-") for a in args):
         return
-    from mtlm.config_checks import compose_error, sweep_jobs
-
     jobs = sweep_jobs(args) if len(args) < len(sys.argv) - 1 else [args]
     for job in jobs:
         error = compose_error(CONF_DIR, job, "plan", validate_plan)

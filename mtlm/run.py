@@ -1,0 +1,98 @@
+"""Entry point behind train.py: validate, prepare data once, check the checkpoint to resume from, launch the
+ranks (again, after a rank dies, when trainer.max_restarts allows), train on each.
+
+It sits beside the entry points (docs/architecture.md): it runs the check-everything function (mtlm/checks.py)
+and asks the planner for its precision warning, both above mtlm.train."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from omegaconf import DictConfig, OmegaConf
+
+from mtlm.checkpoint.format import METADATA
+from mtlm.checks import validate
+from mtlm.data.build import build_data, prepare_data
+from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
+from mtlm.parallel.launch import RankEnv, env_world_size, launch, rank_device, threads_per_rank
+from mtlm.parallel.state import Grid, ParallelState
+from mtlm.plan.planner import precision_warning
+from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
+from mtlm.train.loop import train
+from mtlm.train.outcome import error_line, final_line, record_failure
+
+
+def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
+    cfg = OmegaConf.create(cfg_dict)
+    torch.set_num_threads(threads_per_rank(env.local_world_size, cfg.trainer.num_threads))
+    device = rank_device(cfg.trainer.device, env.local_rank, env.local_world_size)
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else \
+        ("nccl" if device.type == "cuda" else "gloo")
+    p = cfg.parallel
+    state = ParallelState.initialize(p.tensor, p.data, env.rank, env.world_size, device, backend, p.timeout_s,
+                                     pipeline=p.pipeline, sequence=p.sequence)
+    try:
+        train(cfg, state, out_dir if state.is_main else None, cfg_dict)
+    finally:
+        state.destroy()
+
+
+def run(cfg: DictConfig, out_dir: str | None) -> None:
+    """Validate everything, then train. Bad input exits with status 2 and one line, before any spawn."""
+    try:
+        validate(cfg, env_world_size())
+        prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, cfg.trainer.seed)
+        resume = check_before_launch(cfg, lambda: cfg.model.vocab_size or build_data(
+            cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size)
+    except (ConfigError, DataError, CheckpointError) as err:
+        kind = error_kind(err)
+        record_failure(out_dir, f"{kind} error: {err}")  # a multirun / torchrun job: Hydra made the dir already
+        print(f"{kind} error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0" and (line := precision_warning(cfg)):
+        print(line, file=sys.stderr, flush=True)  # e.g. bf16 on a CPU without native bf16 (issue 11)
+    cfg_dict: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # picklable for spawned ranks
+    cfg_dict["checkpoint"]["resume"] = resume  # resolved once here, so every rank and restart agrees
+    try:
+        launch(_worker, Grid.of(cfg.parallel).world, (cfg_dict, out_dir), cfg.trainer.max_restarts,
+               _restarter(cfg_dict, out_dir), device=cfg.trainer.device)
+    except (CheckpointError, mp.ProcessRaisedException) as err:
+        # A checkpoint that passed the checks above but fails to read inside a rank: still one line.
+        line = str(err).strip().splitlines()[-1]
+        if not isinstance(err, CheckpointError) and "CheckpointError: " not in line:
+            record_failure(out_dir, error_line(err))
+            raise
+        record_failure(out_dir, f"checkpoint error: {line.split('CheckpointError: ', 1)[-1]}")
+        print(f"checkpoint error: {line.split('CheckpointError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+    except BaseException as err:  # summary.json says why, whichever rank failed and however early
+        record_failure(out_dir, error_line(err))
+        raise
+    if out_dir is not None:  # the last line: where the run went (Hydra's dir), its numbers, its checkpoint
+        print(final_line(out_dir, cfg_dict["checkpoint"]), flush=True)
+
+
+def _checkpoint_id(directory: str) -> tuple[str, int] | None:
+    latest = latest_checkpoint(directory)
+    return None if latest is None else (str(latest), (latest / METADATA).stat().st_mtime_ns)
+
+
+def _restarter(cfg_dict: dict, out_dir: str | None):
+    """trainer.max_restarts: after a rank dies, resume from the newest checkpoint this run saved, or, when it
+    saved none yet, from where the first attempt started (not from an older run's checkpoint in the dir)."""
+    ck = cfg_dict["checkpoint"]
+    before, first = _checkpoint_id(ck["dir"]), ck["resume"]
+
+    def on_restart(attempt: int, err: Exception) -> tuple:
+        now = _checkpoint_id(ck["dir"])
+        target = now[0] if now is not None and now != before else first
+        reason = str(err).strip().splitlines()[-1]
+        print(f"rank failure ({reason}); restart {attempt}/{cfg_dict['trainer']['max_restarts']} from "
+              f"{target if target != 'none' else 'the beginning'}", file=sys.stderr, flush=True)
+        return ({**cfg_dict, "checkpoint": {**ck, "resume": target}}, out_dir)
+
+    return on_restart
