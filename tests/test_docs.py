@@ -141,3 +141,21 @@ def test_documented_train_commands_compose_and_validate() -> None:
                 compose_config(*subset)
             except ConfigError as err:
                 assert err.key in files, f"{page}: python train.py {' '.join(args)}: {err}"
+
+
+def _ignored_folders() -> set[str]:
+    lines = (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    return {ln.strip().strip("/") for ln in lines if ln.strip().endswith("/") and ln.strip().count("/") <= 2}
+
+
+def test_every_folder_the_documented_commands_write_is_git_ignored() -> None:
+    """Issue 25's papercut: to-megatron's `megatron/` (docs/converting.md) was not in .gitignore while hf/,
+    checkpoints/ and outputs/ were. The folders: each convert command's output, each checkpoint.dir and sweep dir
+    the pages name, Hydra's outputs/ and multirun/, and the built site."""
+    written = {"outputs", "multirun", "checkpoints", "site"}
+    for page in [README, *_pages()]:
+        text = page.read_text(encoding="utf-8")
+        written |= {m.split("/")[0] for m in re.findall(r"python -m mtlm\.convert \S+ \S+ ([\w.-]+/\S+)", text)}
+        written |= {m.split("/")[0] for m in re.findall(r"(?:checkpoint\.dir|hydra\.sweep\.dir)=([\w-]+/\S+)", text)}
+    assert {"megatron", "hf", "checkpoints"} <= written, written
+    assert written <= _ignored_folders(), f"not in .gitignore: {sorted(written - _ignored_folders())}"
