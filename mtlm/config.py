@@ -118,6 +118,9 @@ class TokenizerConfig:
     # gpt2: vocab.json + merges.txt (GPT-2's byte-level BPE, as NVIDIA ships with Megatron); wordpiece: vocab.txt.
     vocab_file: str | None = None
     merge_file: str | None = None
+    # A checkpoint records its tokenizer's identity (type + content hash); every tool refuses another one
+    # (resume, evaluate, generate, lm-eval). true: use this one anyway, for a deliberate swap (a note says so).
+    allow_mismatch: bool = False
 
 
 @dataclass

@@ -6,6 +6,7 @@ and asks the planner for its precision warning, both above mtlm.train."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any
@@ -46,8 +47,9 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
     try:
         validate(cfg, env_world_size())
         prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, cfg.trainer.seed)
-        resume = check_before_launch(cfg, lambda: cfg.model.vocab_size or build_data(
-            cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size)
+        data = functools.cache(lambda: build_data(cfg.data, cfg.model.seq_length, cfg.trainer.seed))
+        resume = check_before_launch(cfg, lambda: cfg.model.vocab_size or data().tokenizer.vocab_size,
+                                     lambda: data().tokenizer)
     except (ConfigError, DataError, CheckpointError) as err:
         kind = error_kind(err)
         record_failure(out_dir, f"{kind} error: {err}")  # a multirun / torchrun job: Hydra made the dir already

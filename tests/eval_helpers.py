@@ -28,12 +28,12 @@ def tiny_config(**overrides) -> SimpleNamespace:
 
 
 def make_checkpoint(root: Path, vocab_size: int = 340, seed: int = 1) -> Path:
-    """root/ckpt (latest: step 7) with root/tok.model recorded as its tokenizer."""
+    """root/ckpt (latest: step 7) with root/tok.model recorded as its tokenizer (identity included)."""
     tok = train_tokenizer([TEXT * 3], str(root / "tok.model"), vocab_size)
     state = ParallelState()
     torch.manual_seed(seed)
     model = GPT(tiny_config(), tok.vocab_size, state)
     model.init_weights(seed)
     save_checkpoint(root / "ckpt", 7, 0, state, model,
-                    extra={"tokenizer": {"path": tok.path, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}})
+                    extra={"tokenizer": tok.entry()})
     return root / "ckpt"

@@ -16,6 +16,7 @@ from mtlm.checkpoint.format import CheckpointError, read_metadata
 from mtlm.convert import main
 from mtlm.convert.deepspeed import from_deepspeed
 from mtlm.convert.writer import read_checkpoint
+from mtlm.data.text_tokenizer import content_hash
 from mtlm.model.alibi import alibi_causal_bias, alibi_slopes, local_slopes
 from tests.bloom_layouts import HEADS, VOCAB, random_bloom, write_deepspeed
 
@@ -102,7 +103,8 @@ def test_from_hf_matches_transformers_and_back(hf, tmp_path: Path, capsys, tenso
                  "--tokenizer-file", str(tok)]) == 0
     meta = read_metadata(tmp_path / "ck" / "step_00000000")
     assert meta["model"]["position_embedding"] == "alibi" and meta["layout"]["tensor"] == tensor
-    assert meta["tokenizer"] == {"type": "tokenizer.json", "path": str(tok), "vocab_size": VOCAB - 20, "eos_id": 2}
+    assert meta["tokenizer"] == {"type": "tokenizer.json", "path": str(tok), "vocab_size": VOCAB - 20, "eos_id": 2,
+                                 "sha256": content_hash("tokenizer.json", [str(tok)])}  # its identity (issue 25)
     big = _tokenizer_json(tmp_path / "big" / "tokenizer.json", VOCAB + 1)
     assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "bad"), "--tokenizer-file", str(big)]) == 2
     assert f"has {VOCAB + 1} tokens, which does not fit the checkpoint's {VOCAB} embedding rows" in \

@@ -59,6 +59,9 @@ class GPT2BPETokenizer(_Wrapped):
         self.merge_file = merges_path
         super().__init__(vocab_path, tok, EOD)
 
+    def files(self) -> list[str]:
+        return [self.path, self.merge_file]
+
     def entry(self) -> dict:
         """This tokenizer as a checkpoint's metadata `tokenizer` entry (`path` is the vocab.json)."""
         return {**super().entry(), "merge_file": self.merge_file}

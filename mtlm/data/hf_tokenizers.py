@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtlm.data.text_tokenizer import content_hash
 from mtlm.errors import DataError
 
 # Names mtlm's sentencepiece models use for special pieces -> BERT's names for the same roles.
@@ -70,9 +71,20 @@ class _Wrapped:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def files(self) -> list[str]:
+        """The files that define this tokenizer (hashed into its identity)."""
+        return [self.path]
+
+    def settings(self) -> str:
+        """Options outside the files that change its output (hashed into its identity)."""
+        return ""
+
     def entry(self) -> dict:
-        """This tokenizer as a checkpoint's metadata `tokenizer` entry."""
-        return {"type": self.kind, "path": self.path, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+        """This tokenizer as a checkpoint's metadata `tokenizer` entry, with its identity (content hash)."""
+        if getattr(self, "_sha256", None) is None:
+            self._sha256 = content_hash(self.kind, self.files(), self.settings())
+        return {"type": self.kind, "path": self.path, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "sha256": self._sha256}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size})"
@@ -106,6 +118,9 @@ class WordPieceTokenizer(_Wrapped):
         # BERT has no end-of-document token; [SEP] ends a document in mtlm's token stream.
         super().__init__(path, tok, "[SEP]")
 
+    def settings(self) -> str:
+        return f"lowercase={self.lowercase}"
+
     def entry(self) -> dict:
         return {**super().entry(), "lowercase": self.lowercase}
 
@@ -136,6 +151,11 @@ class JsonTokenizer(_Wrapped):
             raise DataError(f"data.tokenizer: {path} has none of {', '.join(EOS_CANDIDATES)} and no "
                             "special_tokens_map.json naming its eos_token")
         super().__init__(str(path), tok, eos)
+
+    def files(self) -> list[str]:
+        # special_tokens_map.json, when there is one, chooses the end-of-document token.
+        extra = Path(self.path).parent / "special_tokens_map.json"
+        return [self.path] + ([str(extra)] if extra.is_file() else [])
 
     def __getstate__(self) -> dict:
         return {"path": self.path}

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from mtlm.data.cache import atomic_write_bytes
+from mtlm.data.text_tokenizer import content_hash
 from mtlm.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -94,8 +95,11 @@ class Tokenizer:
         return self._sp.DecodeIds([int(i) for i in ids])
 
     def entry(self) -> dict:
-        """This tokenizer as a checkpoint's metadata `tokenizer` entry."""
-        return {"type": self.kind, "path": self.path, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+        """This tokenizer as a checkpoint's metadata `tokenizer` entry, with its identity (content hash)."""
+        if getattr(self, "_sha256", None) is None:
+            self._sha256 = content_hash(self.kind, [self.path])
+        return {"type": self.kind, "path": self.path, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "sha256": self._sha256}
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"

@@ -38,16 +38,21 @@ from mtlm.parallel.state import ParallelState
 class MtlmLM(LM):
     """`--model_args checkpoint=DIR[,max_length=N][,dtype=bf16]`; lm-eval's own `--device` and `--batch_size`
     apply. The tokenizer is the checkpoint's; for one that records none (converted from Hugging Face) add
-    `vocab_file=vocab.json,merge_file=merges.txt` (GPT-2 BPE) or `tokenizer=FILE.model` (sentencepiece)."""
+    `tokenizer=FILE.model` (sentencepiece), `vocab_file=vocab.json,merge_file=merges.txt` (GPT-2 BPE),
+    `tokenizer_type=wordpiece,vocab_file=vocab.txt` or `tokenizer_type=tokenizer.json,tokenizer=tokenizer.json`.
+    A tokenizer that is not the one the checkpoint records is refused unless `allow_tokenizer_mismatch=true`."""
 
     def __init__(self, checkpoint: str, tokenizer: str | None = None, vocab_file: str | None = None,
                  merge_file: str | None = None, device: str = "cpu", batch_size: int | str = 8,
-                 max_length: int | None = None, dtype: str = "fp32", **unused: object) -> None:
+                 max_length: int | None = None, dtype: str = "fp32", tokenizer_type: str | None = None,
+                 allow_tokenizer_mismatch: bool | str = False, **unused: object) -> None:
         super().__init__()
         step_dir, meta = read_checkpoint(checkpoint)
-        kind = "gpt2" if vocab_file else ("sentencepiece" if tokenizer else None)
+        kind = tokenizer_type or ("gpt2" if vocab_file else ("sentencepiece" if tokenizer else None))
+        allow = str(allow_tokenizer_mismatch).lower() in ("true", "1", "yes")
         self.tokenizer = load_tokenizer(meta, SimpleNamespace(type=kind, model=tokenizer, vocab_file=vocab_file,
-                                                              merge_file=merge_file), step_dir)
+                                                              merge_file=merge_file, allow_mismatch=allow),
+                                        step_dir)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm_eval's CLI passes --device's default, cuda, whatever the machine has.
             print(f"note: device {device} is not available here; mtlm runs on the CPU", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,13 @@ import torch
 
 from mtlm.api import model_config
 from mtlm.checkpoint.format import ShardReader, check_shard_headers, find_checkpoint, read_metadata
-from mtlm.data.text_tokenizer import TextTokenizer, check_spec, tokenizer_from_entry, tokenizer_spec
+from mtlm.data.text_tokenizer import (
+    TextTokenizer,
+    check_same_tokenizer,
+    check_spec,
+    tokenizer_from_entry,
+    tokenizer_spec,
+)
 from mtlm.data.text_tokenizer import load_tokenizer as load_tokenizer_spec
 from mtlm.errors import CheckpointError, DataError
 from mtlm.model.gpt import GPT
@@ -51,35 +58,46 @@ def _overridden(node: Any) -> bool:
     return node is not None and any(getattr(node, k, None) for k in ("type", "model", "vocab_file", "merge_file"))
 
 
+# The hint for a checkpoint that records no tokenizer: every type data.tokenizer takes (text_tokenizer.py).
+NO_TOKENIZER_HINT = ("give the one it was trained with: data.tokenizer.model=FILE.model (sentencepiece), "
+                     "data.tokenizer.type=gpt2 data.tokenizer.vocab_file=vocab.json "
+                     "data.tokenizer.merge_file=merges.txt (GPT-2 BPE), data.tokenizer.type=wordpiece "
+                     "data.tokenizer.vocab_file=vocab.txt (BERT), or data.tokenizer.type=tokenizer.json "
+                     "data.tokenizer.model=tokenizer.json (Hugging Face)")
+
+
 def load_tokenizer(meta: dict, override: Any, step_dir: Path) -> TextTokenizer:
     """The checkpoint's tokenizer (its metadata entry, written at training or conversion time), or the one
     `data.tokenizer` names (type / model / vocab_file / merge_file, as train.py's), checked against the model:
-    the vocabulary the checkpoint records, and never more ids than the embedding has rows."""
+    the same identity (content hash) as the one the checkpoint records unless data.tokenizer.allow_mismatch,
+    its recorded vocabulary, and never more ids than the embedding has rows."""
     recorded = meta.get("tokenizer") or {}
     if _overridden(override):
         spec = tokenizer_spec({k: getattr(override, k, None) for k in ("type", "model", "vocab_file", "merge_file")})
         check_spec(spec)
         tok = load_tokenizer_spec(spec)
-        if recorded.get("type") and recorded["type"] != tok.kind:
-            raise DataError(f"data.tokenizer.type: {step_dir} was trained with a {recorded['type']} tokenizer, "
-                            f"not {tok.kind}; use that one (or leave data.tokenizer unset)")
     elif not recorded.get("path"):
-        raise DataError(f"data.tokenizer: {step_dir} records no tokenizer (a converted model?); give the one it "
-                        "was trained with, e.g. data.tokenizer.type=gpt2 data.tokenizer.vocab_file=vocab.json "
-                        "data.tokenizer.merge_file=merges.txt")
+        raise DataError(f"data.tokenizer: {step_dir} records no tokenizer (a converted model?); {NO_TOKENIZER_HINT}")
     else:
         missing = [p for p in (recorded["path"], recorded.get("merge_file")) if p and not os.path.isfile(p)]
         if missing:
             raise DataError(f"data.tokenizer: the checkpoint's tokenizer file {missing[0]} is gone (recorded in "
                             f"{step_dir}/metadata.json); give it with data.tokenizer.*")
         tok = tokenizer_from_entry(recorded)
+    allow = bool(getattr(override, "allow_mismatch", False))
+    if not allow and recorded.get("type") and recorded["type"] != tok.kind:
+        raise DataError(f"data.tokenizer.type: {step_dir} was trained with a {recorded['type']} tokenizer, "
+                        f"not {tok.kind}; use that one (or leave data.tokenizer unset)")
     model_vocab = meta["model"]["vocab_size"]
-    if recorded.get("vocab_size") is not None and tok.vocab_size != recorded["vocab_size"]:
+    if not allow and recorded.get("vocab_size") is not None and tok.vocab_size != recorded["vocab_size"]:
         raise DataError(f"data.tokenizer: {tok.path} has {tok.vocab_size} tokens but {step_dir} was trained with a "
                         f"{recorded['vocab_size']}-token tokenizer; use that one")
     if tok.vocab_size > model_vocab:
         raise DataError(f"data.tokenizer: {tok.path} has {tok.vocab_size} tokens, more than the model's vocabulary "
                         f"({model_vocab}, {step_dir}); it is not this model's tokenizer")
+    note = check_same_tokenizer(recorded, tok, str(step_dir), allow)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     return tok
 
 

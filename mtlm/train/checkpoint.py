@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from mtlm.checkpoint.format import (
     step_dirs,
     write_json,
 )
+from mtlm.data.text_tokenizer import check_same_tokenizer
 from mtlm.parallel import random as rng
 from mtlm.parallel.state import ParallelState
 from mtlm.train.optim_state import read_state, state_slice
@@ -99,16 +101,24 @@ def check_compatible(meta: dict, model_cfg: Any, vocab_size: int | None, where: 
                                   f"{saved.get(key)}, this run has {value}")
 
 
-def check_before_launch(cfg: Any, vocab_size: Callable[[], int | None]) -> str:
+def check_before_launch(cfg: Any, vocab_size: Callable[[], int | None],
+                        tokenizer: Callable[[], Any] | None = None) -> str:
     """In the launching process, before any rank starts: resolve checkpoint.resume and check the checkpoint
-    fully (metadata, every file present and whole, every slice in its file's header, the model shape), so a
-    bad checkpoint is one line here instead of a traceback from a spawned rank. Returns "none" or a path."""
+    fully (metadata, every file present and whole, every slice in its file's header, the model shape, the
+    tokenizer's identity when `tokenizer` gives the run's), so a bad checkpoint is one line here instead of a
+    traceback from a spawned rank (or a silent wrong run). Returns "none" or a path."""
     ck = getattr(cfg, "checkpoint", None)
     target = resume_target(ck)
     if target is not None:
         meta = read_metadata(target)
         check_shard_headers(target, meta)
         check_compatible(meta, cfg.model, vocab_size(), target)
+        tok = tokenizer() if tokenizer is not None and meta.get("tokenizer") else None
+        if tok is not None:  # None: token files without a data.tokenizer, nothing to compare
+            allow = bool(getattr(getattr(cfg.data, "tokenizer", None), "allow_mismatch", False))
+            note = check_same_tokenizer(meta["tokenizer"], tok, str(target), allow)
+            if note:
+                print(note, file=sys.stderr, flush=True)
     claim_folder(ck, target)  # another timeline in checkpoint.dir: moved aside (deleted on checkpoint.overwrite)
     return "none" if target is None else str(target.resolve())
 
