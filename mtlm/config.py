@@ -326,7 +326,9 @@ def shape_digest(model: Any, data: Any) -> str:
         if isinstance(tok, DictConfig):
             tok = OmegaConf.to_container(tok, resolve=True)
         if isinstance(tok, dict):  # {type, model, vocab_file, ...}: the set ones; sentencepiece trained is the default
-            tok = {k: v for k, v in tok.items() if v is not None and (k, v) != ("type", "sentencepiece")} or None
+            # allow_mismatch says how to load, not what the tensors mean: not part of the shape.
+            tok = {k: v for k, v in tok.items() if v is not None and (k, v) != ("type", "sentencepiece")
+                   and k != "allow_mismatch"} or None
         if tok:
             shape["data.tokenizer"] = tok
     return hashlib.sha1(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:6]
