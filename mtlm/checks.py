@@ -21,7 +21,7 @@ from mtlm.config_checks import check_not_in_train, null_section_message, unknown
 from mtlm.data import validate_data_config
 from mtlm.data.text_tokenizer import legacy_override_message
 from mtlm.errors import ConfigError, DataError
-from mtlm.model.build import validate_model_config
+from mtlm.model.build import check_parallel_axes, validate_model_config
 from mtlm.parallel.launch import env_world_size
 from mtlm.parallel.state import Grid
 from mtlm.train.optim import check_optimizer_config
@@ -76,6 +76,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     if p.timeout_s <= 0:
         raise ConfigError("parallel.timeout_s", f"must be > 0, got {p.timeout_s}")
     validate_model_config(m)
+    check_parallel_axes(m, p)
     _validate_optim(cfg)
     _validate_precision(cfg)
     _validate_checkpoint(cfg)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from mtlm.checks import validate
 from mtlm.config import register_configs
+from mtlm.parallel.state import Grid
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 # A model small enough that a Trainer step takes milliseconds, and a vocabulary quick to train.
@@ -26,5 +27,5 @@ def compose_config(*overrides: str) -> DictConfig:
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=CONF, job_name="test"):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
-    validate(cfg, world_size=cfg.parallel.tensor * cfg.parallel.data)
+    validate(cfg, world_size=Grid.of(cfg.parallel).world)
     return cfg

@@ -34,6 +34,15 @@ def build_model(cfg: Any, vocab_size: int, state: ParallelState, **kwargs: Any) 
     return make(cfg, vocab_size, state, **kwargs)
 
 
+def check_parallel_axes(m: Any, p: Any) -> None:
+    """The axes a model class supports beyond tensor x data: each class says so (`sequence_parallel`,
+    `pipeline_parallel`); a family that cannot do one yet is refused with one line, not run wrongly."""
+    cls = model_class(m)
+    if p.get("sequence", False) and not getattr(cls, "sequence_parallel", False):
+        raise ConfigError("parallel.sequence", f"{model_target(m)} does not support sequence parallelism yet "
+                          "(GPT and BLOOM do); set parallel.sequence=false")
+
+
 def validate_model_config(m: Any) -> None:
     """model.* checks the shared schema cannot express (called by mtlm.config.validate)."""
     try:

@@ -28,11 +28,15 @@ from mtlm.model.transformer import (  # noqa: F401  (Attention, MLP, unfused_att
     _use_unfused,
     layer_parameters,
     replicated,
+    stream_dropout,
+    stream_module,
     unfused_attention,
 )
 from mtlm.parallel.checkpoint import checkpoint_block
 from mtlm.parallel.cross_entropy import mask_padded_logits_, vocab_parallel_cross_entropy
 from mtlm.parallel.mappings import copy_to_tensor_region
+from mtlm.parallel.sequence_gather import gather_from_sequence_region
+from mtlm.parallel.sequence_split import split_to_sequence_region
 from mtlm.parallel.state import ParallelState
 
 
@@ -46,6 +50,7 @@ def num_parameters(num_layers: int, hidden: int, padded_vocab: int, max_position
 
 class GPT(VocabParallelLM):
     family = "gpt"  # mtlm/model/build.py: its objective is next-token LM (train/objective.py)
+    sequence_parallel = True  # parallel.sequence (mtlm/model/build.py: check_parallel_axes)
 
     def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
                  activation_checkpointing: bool = False) -> None:
@@ -57,7 +62,7 @@ class GPT(VocabParallelLM):
         # A layer norm on the embeddings: BLOOM's (model.embedding_layernorm), or post-LN's (the blocks end in
         # a layer norm, so there is no final one: original BERT's and the original transformer's arrangement).
         pre_ln = getattr(cfg, "layernorm_order", "pre") == "pre"
-        norm = lambda: replicated(nn.LayerNorm(h, eps=cfg.layernorm_eps, device=device, dtype=dtype))
+        norm = lambda: stream_module(nn.LayerNorm(h, eps=cfg.layernorm_eps, device=device, dtype=dtype), state)
         self.ln_emb = norm() if getattr(cfg, "embedding_layernorm", False) or not pre_ln else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, state, True, device, dtype) for _ in range(cfg.num_layers))
@@ -73,9 +78,12 @@ class GPT(VocabParallelLM):
         if self.wpe is not None:
             start = kv_cache.length if kv_cache is not None else 0
             x = x + self.wpe(torch.arange(start, start + ids.shape[1], device=ids.device))
+        sp = self.state.sequence and kv_cache is None
+        if sp:  # sequence parallelism: from here to the head each rank holds 1/t of the sequence (§4.2.2)
+            x = split_to_sequence_region(x, self.state.tp_group)
         if self.ln_emb is not None:
             x = self.ln_emb(x)
-        x = self.drop(x)
+        x = stream_dropout(self.drop, x, self.state)
         for i, block in enumerate(self.blocks):
             if kv_cache is not None:
                 x = block(x, kv_cache=kv_cache.layers[i])
@@ -85,7 +93,8 @@ class GPT(VocabParallelLM):
         if self.ln_f is not None:
             x = self.ln_f(x)
         # Tied output layer: the embedding's vocabulary shard, so the logits come out split by vocabulary.
-        logits = F.linear(copy_to_tensor_region(x, self.state.tp_group), self.wte.weight)
+        enter = gather_from_sequence_region if sp else copy_to_tensor_region
+        logits = F.linear(enter(x, self.state.tp_group), self.wte.weight)
         mask_padded_logits_(logits, self.wte.vocab_start, self.vocab_size)
         if targets is None:
             return logits

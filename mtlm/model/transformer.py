@@ -15,6 +15,10 @@ What differs between the families is an explicit choice here, not a copy of the 
 At tensor degree t each rank holds 1/t of the attention heads and of the MLP's columns/rows; layer norms and the
 residual stream are replicated (§3: cheaper to duplicate than to communicate). A layer does 2 all-reduces
 forward (g after attention and after the MLP) and 2 backward (f before them).
+
+With sequence parallelism (`state.sequence`, Korthikanti et al. 2022 §4.2.2, Fig. 5) the residual stream, the
+layer norms and the dropouts hold 1/t of the sequence instead: f becomes an all-gather and g a reduce-scatter
+(mtlm/parallel/sequence_*.py), the same bytes, and the non-GEMM activations shrink by t.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from mtlm.parallel.layers import (
     pad_vocab_size,
 )
 from mtlm.parallel.random import tensor_region_rng
+from mtlm.parallel.sequence_grads import mark_sequence_parallel
 from mtlm.parallel.state import ParallelState
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -47,6 +52,23 @@ def replicated(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.partition_dim = None
     return module
+
+
+def stream_dropout(drop: nn.Dropout, x: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """Dropout on the residual stream. Replicated (default RNG, same masks on the tensor group, §3), or with
+    sequence parallelism each rank's own chunk of the sequence: the tensor-region stream, so the chunks do not
+    share masks (Korthikanti et al. §4.2.2)."""
+    if not state.sequence or not drop.training or drop.p == 0:
+        return drop(x)
+    with tensor_region_rng(state.device):
+        return drop(x)
+
+
+def stream_module(module: nn.Module, state: ParallelState) -> nn.Module:
+    """A replicated module on the residual stream (a layer norm): with sequence parallelism it sees 1/t of the
+    sequence, so its gradients are summed over the tensor group (mtlm/parallel/sequence_grads.py)."""
+    replicated(module)
+    return mark_sequence_parallel(module) if state.sequence else module
 
 
 def activation_fn(name: str):
@@ -128,13 +150,15 @@ class Attention(nn.Module):
         self.slopes = local_slopes(heads, state.tensor, state.tp_rank) if alibi else None
         # Output rows are grouped by head ([head][q,k,v][head_dim]), so a rank's contiguous slice holds whole
         # heads, and a checkpoint shard for another tensor degree is again a contiguous slice.
-        self.qkv = ColumnParallelLinear(h, 3 * h, state, device=device, dtype=dtype)
-        self.proj = RowParallelLinear(h, h, state, device=device, dtype=dtype)
+        sp = state.sequence
+        self.qkv = ColumnParallelLinear(h, 3 * h, state, device=device, dtype=dtype, sequence_parallel=sp)
+        self.proj = RowParallelLinear(h, h, state, device=device, dtype=dtype, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
                 kv_cache: LayerKV | None = None) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
+        qkv = self.qkv(x)  # the whole sequence, also when x holds 1/t of it (sequence parallelism)
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
         p = self.dropout if self.training else 0.0
         # ALiBi under `auto` takes SDPA: with the bias as its mask it is as fast as the unfused path in fp32 and
@@ -165,8 +189,8 @@ class MLP(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.act = activation_fn(getattr(cfg, "activation", "gelu_tanh"))
-        self.fc = ColumnParallelLinear(h, 4 * h, state, device=device, dtype=dtype)
-        self.proj = RowParallelLinear(4 * h, h, state, device=device, dtype=dtype)
+        self.fc = ColumnParallelLinear(h, 4 * h, state, device=device, dtype=dtype, sequence_parallel=state.sequence)
+        self.proj = RowParallelLinear(4 * h, h, state, device=device, dtype=dtype, sequence_parallel=state.sequence)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # §3: GeLU on each rank's own column slice, no synchronisation needed before the row-parallel GEMM.
@@ -183,20 +207,23 @@ class Block(nn.Module):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.layernorm_eps
         self.pre_ln = getattr(cfg, "layernorm_order", "pre") == "pre"
-        self.ln1 = replicated(nn.LayerNorm(h, eps=eps, device=device, dtype=dtype))
+        self.state = state
+        self.ln1 = stream_module(nn.LayerNorm(h, eps=eps, device=device, dtype=dtype), state)
         self.attn = Attention(cfg, state, causal, device, dtype)
-        self.ln2 = replicated(nn.LayerNorm(h, eps=eps, device=device, dtype=dtype))
+        self.ln2 = stream_module(nn.LayerNorm(h, eps=eps, device=device, dtype=dtype), state)
         self.mlp = MLP(cfg, state, device, dtype)
-        # Residual dropout acts on the replicated stream: default RNG, identical across the tensor group.
+        # Residual dropout acts on the replicated stream: default RNG, identical across the tensor group
+        # (with sequence parallelism: each rank's chunk, stream_dropout).
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None,
                 kv_cache: LayerKV | None = None) -> torch.Tensor:
+        drop = lambda y: stream_dropout(self.drop, y, self.state)  # noqa: E731
         if self.pre_ln:
-            x = x + self.drop(self.attn(self.ln1(x), key_padding, kv_cache))
-            return x + self.drop(self.mlp(self.ln2(x)))
-        x = self.ln1(x + self.drop(self.attn(x, key_padding, kv_cache)))
-        return self.ln2(x + self.drop(self.mlp(x)))
+            x = x + drop(self.attn(self.ln1(x), key_padding, kv_cache))
+            return x + drop(self.mlp(self.ln2(x)))
+        x = self.ln1(x + drop(self.attn(x, key_padding, kv_cache)))
+        return self.ln2(x + drop(self.mlp(x)))
 
 
 def stream_norms(cfg: Any, device=None, dtype=None) -> tuple[nn.LayerNorm | None, nn.LayerNorm | None]:

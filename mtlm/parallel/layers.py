@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlm.parallel.mappings import copy_to_tensor_region, reduce_from_tensor_region
+from mtlm.parallel.sequence_gather import gather_from_sequence_region
+from mtlm.parallel.sequence_scatter import reduce_scatter_to_sequence_region
 from mtlm.parallel.state import ParallelState
 
 
@@ -57,41 +59,50 @@ def init_sharded_(param: torch.Tensor, name: str, seed: int, std: float, tp_rank
 class ColumnParallelLinear(nn.Module):
     """Y = X A with A split by columns (output features): each rank computes its own slice of Y (§3).
 
-    The input is replicated, so f sits in front: identity forward, all-reduce of dL/dX backward.
+    The input is replicated, so f sits in front: identity forward, all-reduce of dL/dX backward. With
+    `sequence_parallel` the input holds 1/t of the sequence and f is an all-gather (Korthikanti et al. §4.2.2).
     """
 
     def __init__(self, in_features: int, out_features: int, state: ParallelState, bias: bool = True,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, sequence_parallel: bool = False) -> None:
         super().__init__()
         if out_features % state.tensor:
             raise ValueError(f"out_features {out_features} not divisible by tensor degree {state.tensor}")
         self.group = state.tp_group
+        self.enter = gather_from_sequence_region if sequence_parallel else copy_to_tensor_region
         self.weight = _param((out_features // state.tensor, in_features), 0, device, dtype)
         self.bias = _param((out_features // state.tensor,), 0, device, dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tensor_region(x, self.group), self.weight, self.bias)
+        return F.linear(self.enter(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
     """Y = X B with B split by rows (input features); X arrives already split, partial Ys are summed by g.
 
-    The bias is replicated and added after the all-reduce, so it is counted once.
+    The bias is replicated and added after the all-reduce, so it is counted once. With `sequence_parallel`
+    the all-reduce is a reduce-scatter along the sequence (Korthikanti et al. §4.2.2): the bias then sees this
+    rank's 1/t of the sequence, so its gradient is summed over the tensor group (parallel/sequence_grads.py).
     """
 
     def __init__(self, in_features: int, out_features: int, state: ParallelState, bias: bool = True,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, sequence_parallel: bool = False) -> None:
         super().__init__()
         if in_features % state.tensor:
             raise ValueError(f"in_features {in_features} not divisible by tensor degree {state.tensor}")
         self.group = state.tp_group
         self.weight = _param((out_features, in_features // state.tensor), 1, device, dtype)
         self.bias = _param((out_features,), None, device, dtype) if bias else None
+        self.leave = reduce_from_tensor_region
+        if sequence_parallel and self.group is not None:
+            self.leave = reduce_scatter_to_sequence_region
+            if self.bias is not None:
+                self.bias.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is None:  # tensor degree 1: the bias rides in the GEMM (one addmm, no extra pass)
             return F.linear(x, self.weight, self.bias)
-        y = reduce_from_tensor_region(F.linear(x, self.weight), self.group)
+        y = self.leave(F.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
 
 

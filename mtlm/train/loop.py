@@ -27,6 +27,7 @@ from mtlm.metrics.memory import SavedActivations, gradient_bytes, optimizer_stat
 from mtlm.metrics.sinks import MetricsLogger, build_logger
 from mtlm.model.build import build_model
 from mtlm.parallel.random import seed_streams
+from mtlm.parallel.sequence_grads import sum_sequence_parallel_grads_
 from mtlm.parallel.state import ParallelState
 from mtlm.train import checkpoint as ckpt
 from mtlm.train.faults import maybe_fail
@@ -56,6 +57,9 @@ class Trainer:
     def __init__(self, cfg: Any, state: ParallelState, out_dir: str | None, run_config: dict) -> None:
         self.cfg, self.state = cfg, state
         t = cfg.trainer
+        if bool(cfg.parallel.get("sequence", False)) != state.sequence:  # the grid is built from the same keys
+            raise ValueError(f"parallel.sequence={cfg.parallel.sequence} but the rank grid has "
+                             f"sequence={state.sequence}")
         self.micro_steps = t.global_batch_size // (t.micro_batch_size * state.data)
         self.rank_batch = t.global_batch_size // state.data
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
@@ -125,6 +129,8 @@ class Trainer:
                 self.precision.scale_loss(loss).backward()
             loss_sum += loss.detach().float()
             parts = {k: parts.get(k, 0) + v.float() for k, v in terms.items()}
+        if self.state.sequence:  # layer norms saw 1/t of the sequence: sum their gradients (§4.2.2)
+            sum_sequence_parallel_grads_(self.params, self.state.tp_group)
         if self.memory is None:
             self.memory = {"grads": gradient_bytes(self.params), "activations": act.bytes if act is not None else 0}
         skipped = self.precision.unscale_and_check(self.params, self.optimizer.param_groups)
