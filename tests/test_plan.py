@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,7 +205,7 @@ def test_plan_sweep_report_matches_single_plans(tmp_path: Path) -> None:
 
 def test_cpu_local_from_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """cpu_local's nulls come from this machine's probe (faked here: 2 cores, gloo at 1 GB/s and 100 us per
-    ring step); without a measured calibration point the plan asks for one in one line."""
+    ring step); without a measured calibration point the plan measures one (issue 25: it used to stop)."""
     from mtlm.config import ConfigError
     from mtlm.plan import probe
 
@@ -212,12 +213,15 @@ def test_cpu_local_from_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(probe, "ram_gb", lambda: 16.0)
     monkeypatch.setattr(probe, "gemm_tflops_per_core", lambda dt: {"fp32": 0.1, "bf16": 0.001, "fp16": 0.001}[dt])
     monkeypatch.setattr(probe, "gloo_allreduce", lambda: {"bw_gbps": 1.0, "step_latency_us": 100.0})
-    monkeypatch.setattr(probe, "calibration", lambda cal, measure, steps: None)
-    with pytest.raises(ConfigError, match="plan.calibrate=true"):
-        make_plan(plan_config("+experiment=weak_scaling_cpu", "scale=cpu_t2"))
+    asked = []  # (measure?) per call: none cached, so the plan asks again with measure=True
 
-    monkeypatch.setattr(probe, "calibration", lambda cal, measure, steps: {"tflops_per_device": 0.05, "command": "x"})
+    def calibration(cal, measure, steps):
+        asked.append(measure)
+        return {"tflops_per_device": 0.05, "command": "x"} if measure else None
+
+    monkeypatch.setattr(probe, "calibration", calibration)
     plan = make_plan(plan_config("+experiment=weak_scaling_cpu", "scale=cpu_t2"))
+    assert asked == [False, True] and plan["calibration"]["tflops_per_device"] == 0.05
     assert plan["devices"] == 2 and plan["threads_per_device"] == 1 and plan["peak_tflops_per_device"] == 0.1
     # t = 2, b·s·h = 8 x 256 x 320 fp32 values: per layer 2 forward + 2 backward all-reduces of 2,621,440 bytes,
     # the ends 2 more, the loss 3 of 8 x 256 x 4 bytes; a ring of 2 sends each once, in 2 steps of 100 us.
@@ -227,3 +231,60 @@ def test_cpu_local_from_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan["step_time_parts_s"]["tensor_parallel"] == pytest.approx(volume / 1e9 + (4 * 6 + 2 + 3) * 200e-6)
     with pytest.raises(ConfigError, match="has 2"):
         make_plan(plan_config("+experiment=weak_scaling_cpu", "scale=cpu_t4"))
+
+
+def test_docs_8_3b_command_prints_the_numbers_the_docs_quote(tmp_path: Path) -> None:
+    """Issue 25: docs/planner.md's first command, run as written (no model.vocab_size, no data), planned the
+    built-in corpus's 4,096-token vocabulary (8.17B parameters, 14.69 PFLOP/s). A paper preset without data is
+    planned with GPT-2's 50,257 tokens padded to 51,200 at 8-way; the page's numbers are what it prints."""
+    page = (ROOT / "docs" / "planner.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", page, re.S).group(1)
+    command = block.replace("\\\n", " ").splitlines()[0]
+    assert "model=gpt2_8.3b" in command and "vocab_size" not in command
+    overrides = command.split("-m mtlm.plan", 1)[1].split()
+    plan = make_plan(plan_config(*overrides))
+    assert plan["vocab_size"] == 50257 and plan["padded_vocab_size"] == 51200
+    quoted = re.search(r"\*\*([\d,]+) parameters, ([\d.]+) PFLOP/s\*\*", page)
+    assert quoted, "the page quotes the command's parameters and PFLOP/s"
+    assert plan["params_total"] == int(quoted.group(1).replace(",", ""))
+    assert f"{plan['pflops']:.3g}" == quoted.group(2)
+    # The paper table's 512-GPU row (the weak_scaling_tp_dp experiment, model.vocab_size=51200) agrees.
+    row = re.search(r"^\| weak_scaling_tp_dp \| gpt2_8\.3b \| 8 x 64 \|.*\| \*\*([\d.]+)\*\* \(paper", page, re.M)
+    assert row and row.group(1) == quoted.group(2)
+    # With data given, the vocabulary is the data's: data.vocab_size for the tokenizer mtlm trains on it.
+    (tmp_path / "corpus.txt").write_text("some text\n", encoding="utf-8")
+    mine = make_plan(plan_config(*overrides, f"data.paths=[{tmp_path / 'corpus.txt'}]", "data.vocab_size=8192"))
+    assert mine["vocab_size"] == 8192
+
+
+@pytest.mark.slow
+def test_cpu_local_calibrates_itself_on_first_use(tmp_path: Path) -> None:
+    """Issue 25: `python -m mtlm.plan ... cluster=cpu_local` on a machine without a calibration point stopped
+    with "run `python -m mtlm.plan plan.calibrate=true` once". Now it measures the point (the real train.py
+    run, on a tiny calibration shape so CI stays fast), says so in one line, shows progress, and caches it."""
+    tiny = ["cluster.calibration.num_layers=1", "cluster.calibration.hidden_size=32",
+            "cluster.calibration.num_attention_heads=2", "cluster.calibration.seq_length=32",
+            "cluster.calibration.batch=2", "cluster.calibration.ranks=1", "plan.calibration_steps=5"]
+    env = {**os.environ, "MTLM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+    def plan(name: str) -> tuple[subprocess.CompletedProcess, dict]:
+        r = subprocess.run([sys.executable, "-m", "mtlm.plan", "+experiment=weak_scaling_cpu", "scale=cpu_t1",
+                            "cluster=cpu_local", *tiny, f"hydra.run.dir={tmp_path / name}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r, json.loads((tmp_path / name / "plan.json").read_text())
+
+    first, made = plan("first")
+    notes = [line for line in first.stderr.splitlines()
+             if line.startswith("note: cluster cpu_local has no calibration")]
+    assert len(notes) == 1 and "measuring it now" in notes[0]
+    assert re.search(r"^calibrating \(5 train\.py steps on 1 rank\(s\)\): done in \d+ s$", first.stderr, re.M)
+    cal = made["calibration"]
+    assert cal["source"].startswith("measured here: train.py model.num_layers=1 model.hidden_size=32")
+    assert cal["tflops_per_device"] > 0 and math.isfinite(made["step_time_s"])
+    cache = json.loads((tmp_path / "cache" / "plan_probe.json").read_text())
+    cached = [v for entry in cache.values() for k, v in entry.items() if k.startswith("calibration|l1h32a2s32")]
+    assert len(cached) == 1 and cached[0]["tflops_per_device"] == cal["tflops_per_device"]
+
+    second, again = plan("second")  # cached: no notice, no run, the same point
+    assert "calibrat" not in second.stderr and again["calibration"] == cal

@@ -61,6 +61,8 @@ def table(plan: dict[str, Any]) -> str:
                    f"{plan['optimizer'].rsplit('.', 1)[-1]}{' (ZeRO-1)' if plan['shard_optimizer'] else ''}"),
         ("cluster", f"{plan['cluster']} ({plan['device']})"),
         ("parameters", f"{plan['params_total']:,} total, {plan['params_per_rank']:,} per rank"),
+        ("vocabulary", f"{plan['vocab_size']:,} ({plan.get('vocab_source', 'model.vocab_size')}), padded to "
+                       f"{plan['padded_vocab_size']:,}"),
         ("memory / device", f"{plan['memory_per_device_gb']:.2f} GB of {plan['device_memory_gb']:.1f} ({fit}): "
                             f"params {gb['params']:.2f}, grads {gb['grads']:.2f}, optimizer {gb['optimizer']:.2f}, "
                             f"activations {gb['activations']:.2f}"),

@@ -4,7 +4,7 @@
 
 Runs train.py on each layout (weak_scaling_cpu's tensor 1 and 2, and three more), then `python -m mtlm.plan`
 with the same overrides into <run dir>/plan/, and prints tokens/s measured and predicted with the error and the
-machine's load. Needs the cpu_local calibration point (`python -m mtlm.plan plan.calibrate=true` once). A CPU
+machine's load. Uses the cpu_local calibration point (the first plan on a machine measures it). A CPU
 shared with other work measures slow and noisy: read the load column.
 """
 

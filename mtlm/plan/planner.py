@@ -7,6 +7,7 @@ file or the probe states; the calibration point is the only measured throughput 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from mtlm.errors import ConfigError
@@ -20,17 +21,35 @@ GB = 2**30  # GiB, as GPU memory sizes are quoted
 SLOW_PRECISION_RATIO = 0.5
 
 
-def plan_vocab_size(cfg: Any) -> int:
-    """The vocabulary train.py would use: model.vocab_size, else the tokenizer's: data.vocab_size for the BPE
-    model mtlm trains (exactly that many pieces), else the tokenizer train.py would load (built as it does)."""
-    if cfg.model.vocab_size:
-        return int(cfg.model.vocab_size)
+# The vocabularies the paper trained its presets with (conf/model): GPT-2's byte-level BPE, 50,257 tokens (§5,
+# Table 1's 51,200 is it padded to 128 x 8 tensor ranks, the rule mtlm pads by); BERT's uncased WordPiece,
+# 30,522 (§5.3, the dictionary of NVIDIA's released BERT 345M, ../shared/reference/released-models.md).
+GPT2_VOCAB, BERT_VOCAB = 50_257, 30_522
+PAPER_VOCAB = {**dict.fromkeys(("gpt2_345m", "gpt2_1.2b", "gpt2_2.5b", "gpt2_4.2b", "gpt2_8.3b"), GPT2_VOCAB),
+               **dict.fromkeys(("bert_336m", "bert_1.3b", "bert_3.9b"), BERT_VOCAB)}
+
+
+def _trains_tokenizer(cfg: Any) -> bool:
     tok = cfg.data.tokenizer
-    if tok is None or (not isinstance(tok, str) and tok.get("type") == "sentencepiece" and tok.get("model") is None):
-        return int(cfg.data.vocab_size)
+    return tok is None or (not isinstance(tok, str) and tok.get("type") == "sentencepiece" and tok.get("model") is None)
+
+
+def plan_vocab_size(cfg: Any) -> tuple[int, str]:
+    """(vocabulary, where it comes from) for the plan: model.vocab_size; else, for a paper preset planned
+    without data (the built-in corpus and the BPE model mtlm trains on it), the paper's (issue 25: the 8.3B plan
+    took the built-in corpus's 4,096 and planned 8.17B parameters); else the vocabulary train.py would use:
+    data.vocab_size for the BPE model mtlm trains (exactly that many pieces), else the tokenizer train.py would
+    load (built as it does)."""
+    if cfg.model.vocab_size:
+        return int(cfg.model.vocab_size), "model.vocab_size"
+    if _trains_tokenizer(cfg):
+        if not cfg.data.paths and not cfg.data.get("blend") and cfg.model.name in PAPER_VOCAB:
+            vocab = PAPER_VOCAB[cfg.model.name]
+            return vocab, f"the paper's {'GPT-2 BPE' if vocab == GPT2_VOCAB else 'BERT WordPiece'}, no data given"
+        return int(cfg.data.vocab_size), "data.vocab_size"
     from mtlm.data import build_data
 
-    return int(build_data(cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size)
+    return int(build_data(cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size), "the tokenizer's"
 
 
 def resolve_cluster(cfg: Any) -> dict[str, Any]:
@@ -72,10 +91,16 @@ def calibration_eta(cfg: Any, cluster: dict[str, Any]) -> tuple[float, dict[str,
     cal = cfg.cluster.calibration
     rate, source = cal.tflops_per_device, cal.source
     if rate is None:
-        measured = probe.calibration(cal, bool(cfg.plan.calibrate), cfg.plan.calibration_steps)
-        if measured is None:
-            raise ConfigError("plan.calibrate", f"cluster {cfg.cluster.name} has no calibration point yet: run "
-                              "`python -m mtlm.plan plan.calibrate=true` once (a short train.py run, then cached)")
+        steps = cfg.plan.calibration_steps
+        try:
+            measured = probe.calibration(cal, bool(cfg.plan.calibrate), steps)
+            if measured is None:  # the first plan on this machine: measure the point now, not stop (issue 25)
+                print(f"note: cluster {cfg.cluster.name} has no calibration point on this machine yet: measuring "
+                      f"it now ({steps} steps of train.py on the calibration shape, cached for later plans)",
+                      file=sys.stderr, flush=True)
+                measured = probe.calibration(cal, True, steps)
+        except RuntimeError as err:  # the calibration run failed: its last line, not a traceback
+            raise ConfigError("cluster.calibration", str(err)) from None
         rate, source = measured["tflops_per_device"], f"measured here: {measured['command']}"
     model = flops.model_flops_per_iteration(cal.batch, cal.seq_length, cal.num_layers, cal.hidden_size,
                                             cal.vocab_size)
@@ -121,7 +146,7 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     cluster = resolve_cluster(cfg)
     check_layout(cfg, cluster)
     dtype, recompute = cfg.precision.dtype, bool(t.activation_checkpointing)
-    vocab = plan_vocab_size(cfg)
+    vocab, vocab_source = plan_vocab_size(cfg)
     rank = sizing.size_rank(m, vocab, p.tensor)
     gpt = objective_for(m).__class__.__name__ == "CausalLM"  # the analytic count is GPT-2's
     analytic = sizing.analytic_params_per_rank(m, rank.padded_vocab_size, p.tensor) if gpt else None
@@ -180,7 +205,7 @@ def make_plan(cfg: Any) -> dict[str, Any]:
         "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
         "seq_length": m.seq_length, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads, "threads_per_device": threads,
-        "vocab_size": vocab, "padded_vocab_size": rank.padded_vocab_size,
+        "vocab_size": vocab, "vocab_source": vocab_source, "padded_vocab_size": rank.padded_vocab_size,
         "params_total": rank.params_total, "params_per_rank": rank.params_per_rank,
         "params_per_rank_analytic": analytic,
         "memory_per_device_gb": total_gb, "memory_parts_gb": {k: v / GB for k, v in mem.items()},

@@ -1,7 +1,7 @@
 """This machine, measured once and cached (like the GEMM probe of mtlm/metrics/flops.py): what `cpu_local`
 leaves null. Cores and RAM are read; the GEMM rate per core and dtype comes from flops.py's probe; the gloo
 all-reduce between two local processes is timed at two sizes (latency and bandwidth); the calibration point is
-a short train.py run (`plan.calibrate=true`).
+a short train.py run, made by the first plan that needs it (or again by `plan.calibrate=true`).
 
 Cache: gemm_probe.json (flops.py) and plan_probe.json in $MTLM_CACHE_DIR or ~/.cache/mtlm, keyed by CPU
 model and torch version. Delete the file to measure again (a busy machine measures low: the load average at
@@ -182,16 +182,37 @@ def calibration_overrides(cal: Any, steps: int) -> list[str]:
             "model.name=plan_calibration"]
 
 
+def _wait(proc: subprocess.Popen, what: str) -> tuple[str, str]:
+    """Wait for `proc`, showing one progress line on stderr (rewritten in place on a terminal, once a
+    minute otherwise, so a log gets a few lines and not one per second)."""
+    start, shown = time.monotonic(), 0.0
+    tty = sys.stderr.isatty()
+    while True:
+        try:
+            out, err = proc.communicate(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            elapsed = time.monotonic() - start
+            if tty:
+                print(f"\r{what}: {elapsed:.0f} s", end="", file=sys.stderr, flush=True)
+            elif elapsed - shown >= 60:
+                shown = elapsed
+                print(f"{what}: {elapsed:.0f} s", file=sys.stderr, flush=True)
+    print(f"{chr(13) if tty else ''}{what}: done in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    return out, err
+
+
 def measure_calibration(cal: Any, steps: int) -> dict:
     """Run train.py on the calibration shape for `steps` steps; its summary's model TFLOP/s per device."""
     root = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(root / "train.py"), *calibration_overrides(cal, steps), f"hydra.run.dir={tmp}",
                f"checkpoint.dir={tmp}/ck"]
-        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = _wait(proc, f"calibrating ({steps} train.py steps on {calibration_ranks(cal)} rank(s))")
         summary_path = Path(tmp) / "summary.json"
         if proc.returncode != 0 or not summary_path.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            tail = (err or out).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"the calibration run failed: {tail[0]}")
         summary = json.loads(summary_path.read_text())
     return {"tflops_per_device": summary["tflops_per_device"], "step_time_s": summary.get("step_time_s"),
