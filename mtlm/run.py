@@ -25,6 +25,7 @@ from mtlm.plan.planner import precision_warning
 from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
 from mtlm.train.loop import train
 from mtlm.train.outcome import error_line, final_line, record_failure
+from mtlm.train.writer_lock import WriterLock
 
 
 def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
@@ -42,11 +43,32 @@ def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
         state.destroy()
 
 
+def _first_rank() -> bool:
+    """The launching process, or rank 0 of torchrun / SLURM."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def run(cfg: DictConfig, out_dir: str | None) -> None:
-    """Validate everything, then train. Bad input exits with status 2 and one line, before any spawn."""
+    """Validate everything, then train. Bad input exits with status 2 and one line, before any spawn.
+
+    The launching process (rank 0 under torchrun / SLURM) holds checkpoint.dir's writer lock from before it
+    looks into the folder until the run ends (train/writer_lock.py)."""
+    held: list[WriterLock] = []
+    try:
+        _run(cfg, out_dir, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _run(cfg: DictConfig, out_dir: str | None, held: list[WriterLock]) -> None:
     try:
         validate(cfg, env_world_size())
         prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, cfg.trainer.seed)
+        ck = cfg.get("checkpoint")
+        if ck is not None and ck.save and _first_rank():
+            # Before check_before_launch reads (and may reorganise) the folder.
+            held.append(WriterLock(ck.dir, out_dir).acquire())
         data = functools.cache(lambda: build_data(cfg.data, cfg.model.seq_length, cfg.trainer.seed))
         resume = check_before_launch(cfg, lambda: cfg.model.vocab_size or data().tokenizer.vocab_size,
                                      lambda: data().tokenizer)
@@ -55,7 +77,7 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
         record_failure(out_dir, f"{kind} error: {err}")  # a multirun / torchrun job: Hydra made the dir already
         print(f"{kind} error: {err}", file=sys.stderr)
         sys.exit(2)
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0" and (line := precision_warning(cfg)):
+    if _first_rank() and (line := precision_warning(cfg)):
         print(line, file=sys.stderr, flush=True)  # e.g. bf16 on a CPU without native bf16 (issue 11)
     cfg_dict: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # picklable for spawned ranks
     cfg_dict["checkpoint"]["resume"] = resume  # resolved once here, so every rank and restart agrees

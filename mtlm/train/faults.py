@@ -3,12 +3,16 @@
 MTLM_FAIL_AT_STEP="RANK:STEP" makes that rank raise right after finishing STEP. With MTLM_FAIL_ONCE_FILE set,
 the failure fires only while that file does not exist (and creates it), so a restarted run goes through.
 MTLM_FAIL_SIGNAL=KILL makes the rank die by SIGKILL instead (no exception, no cleanup: like an OOM kill).
+
+MTLM_HOLD_AT_STEP="STEP:FILE" makes rank 0 wait after STEP until FILE exists (at most 120 s), writing
+FILE.reached first: a test then acts (starts a second run, sends a signal) while the run is surely mid-way.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 class InjectedFailure(RuntimeError):
@@ -30,3 +34,16 @@ def maybe_fail(rank: int, step: int) -> None:
     if os.environ.get("MTLM_FAIL_SIGNAL") == "KILL":
         os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFailure(f"injected failure on rank {rank} after step {step} (MTLM_FAIL_AT_STEP)")
+
+
+def maybe_hold(rank: int, step: int) -> None:
+    spec = os.environ.get("MTLM_HOLD_AT_STEP")
+    if not spec or rank != 0:
+        return
+    at, _, path = spec.partition(":")
+    if int(at) != step:
+        return
+    open(path + ".reached", "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)

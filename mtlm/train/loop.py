@@ -30,7 +30,7 @@ from mtlm.parallel.random import seed_streams
 from mtlm.parallel.sequence_grads import sum_sequence_parallel_grads_
 from mtlm.parallel.state import ParallelState
 from mtlm.train import checkpoint as ckpt
-from mtlm.train.faults import maybe_fail
+from mtlm.train.faults import maybe_fail, maybe_hold
 from mtlm.train.objective import objective_for
 from mtlm.train.optim import build_optimizer, clip_grad_norm_, optimizer_factory
 from mtlm.train.precision import build_precision
@@ -180,6 +180,7 @@ class Trainer:
             metrics["tflops_per_device"] = self.flops_per_step / elapsed / self.state.world_size / 1e12
             metrics["step_time_s"] = elapsed
             maybe_fail(self.state.rank, self.step)
+            maybe_hold(self.state.rank, self.step)
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
