@@ -1,0 +1,69 @@
+"""Megatron-Core's GPT parameter names <-> mtlm's, for both of its layer specs and its checkpoint keys.
+
+A megatron-core GPTModel (`megatron.core.models.gpt.GPTModel`) names its parameters by module:
+
+    embedding.word_embeddings.weight  embedding.position_embeddings.weight
+    decoder.layers.N.input_layernorm.*            (local spec; Transformer Engine fuses it into the next
+    decoder.layers.N.self_attention.linear_qkv.*   linear: linear_qkv.layer_norm_weight / _bias)
+    decoder.layers.N.self_attention.linear_proj.*
+    decoder.layers.N.pre_mlp_layernorm.*          (TE: mlp.linear_fc1.layer_norm_weight / _bias)
+    decoder.layers.N.mlp.linear_fc1.*  decoder.layers.N.mlp.linear_fc2.*
+    decoder.final_layernorm.*  output_layer.weight (absent when tied to the word embeddings)
+
+Its distributed (`torch_dist`) checkpoints use the Transformer Engine names for the layer norms whatever the
+spec, and stack the layers: `decoder.layers.self_attention.linear_qkv.weight` is [num_layers, 3h, h].
+The qkv rows are [head][q, k, v][head_dim] (one query group per head without GQA): mtlm's own order, so
+tensors are copied, never permuted. Megatron's linear weights are [out, in], as torch's.
+"""
+
+from __future__ import annotations
+
+import re
+
+# mtlm block parameter -> (local-spec name, TE-spec / torch_dist name), under decoder.layers.N.
+LAYER = {
+    "ln1.weight": ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+    "ln1.bias": ("input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias"),
+    "attn.qkv.weight": ("self_attention.linear_qkv.weight",) * 2,
+    "attn.qkv.bias": ("self_attention.linear_qkv.bias",) * 2,
+    "attn.proj.weight": ("self_attention.linear_proj.weight",) * 2,
+    "attn.proj.bias": ("self_attention.linear_proj.bias",) * 2,
+    "ln2.weight": ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+    "ln2.bias": ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
+    "mlp.fc.weight": ("mlp.linear_fc1.weight",) * 2,
+    "mlp.fc.bias": ("mlp.linear_fc1.bias",) * 2,
+    "mlp.proj.weight": ("mlp.linear_fc2.weight",) * 2,
+    "mlp.proj.bias": ("mlp.linear_fc2.bias",) * 2,
+}
+GLOBAL = {
+    "wte.weight": "embedding.word_embeddings.weight",
+    "wpe.weight": "embedding.position_embeddings.weight",
+    "ln_f.weight": "decoder.final_layernorm.weight",
+    "ln_f.bias": "decoder.final_layernorm.bias",
+}
+OUTPUT_LAYER = "output_layer.weight"
+_FROM_LAYER = {name: ours for ours, names in LAYER.items() for name in names}
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+_MCORE_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+def mcore_name(name: str, te: bool = False) -> str:
+    """megatron-core's name of mtlm parameter `name` (local spec, or TE names with te=True)."""
+    m = _BLOCK.fullmatch(name)
+    if m:
+        return f"decoder.layers.{m[1]}.{LAYER[m[2]][int(te)]}"
+    return GLOBAL[name]
+
+
+def mtlm_name(name: str) -> str | None:
+    """mtlm's name of a megatron-core GPT parameter (either spec), or None for one mtlm has no place for."""
+    m = _MCORE_LAYER.fullmatch(name)
+    if m:
+        ours = _FROM_LAYER.get(m[2])
+        return f"blocks.{m[1]}.{ours}" if ours else None
+    return {v: k for k, v in GLOBAL.items()}.get(name)
+
+
+def to_mcore_state(full: dict, te: bool = False) -> dict:
+    """mtlm's whole tensors -> a megatron-core GPTModel state dict (tied output: no output_layer)."""
+    return {mcore_name(n, te): t for n, t in full.items()}
