@@ -140,3 +140,52 @@ def test_train_resume_refuses_it_before_launch(setup, tmp_path, monkeypatch, cap
     cfg = compose_config(*shape, f"data.tokenizer.model={other.path}")
     err = _exit_line(run, cfg, capsys)
     assert err.startswith("data error: data.tokenizer: ") and other.path in err and mine.path in err
+
+
+# ---- the tokenizer across a Megatron-LM round trip (issue 25) ----------------------------------------------
+
+
+def test_megatron_round_trip_keeps_a_sentencepiece_tokenizer(setup, tmp_path, capsys):
+    """`to-megatron` then `from-megatron` of a sentencepiece model gave a checkpoint with no tokenizer. The export
+    holds the file in tokenizer/ and names it in args as Megatron-LM does; the import reads it back, even after
+    the export folder moved."""
+    from mtlm.convert import main
+    from mtlm.convert.pickles import safe_load
+
+    _, ckpt, mine, _ = setup
+    meg = tmp_path / "megatron" / "tiny"
+    assert main(["to-megatron", str(ckpt), str(meg), "--tensor", "2"]) == 0
+    args = safe_load(meg / "release" / "mp_rank_00" / "model_optim_rng.pt")["args"]
+    assert args.tokenizer_type == "SentencePieceTokenizer"
+    assert args.tokenizer_model == str((meg / "tokenizer" / "tok.model").resolve())
+    moved = tmp_path / "elsewhere"
+    shutil.move(meg, moved)  # args' absolute path is gone now: found beside the checkpoint instead
+    capsys.readouterr()
+    assert main(["from-megatron", str(moved), str(tmp_path / "back")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    step_dir, meta = read_checkpoint(tmp_path / "back")
+    assert meta["tokenizer"]["type"] == "sentencepiece"
+    assert meta["tokenizer"]["path"] == str(moved / "tokenizer" / "tok.model")
+    assert meta["tokenizer"]["sha256"] == mine.entry()["sha256"]  # the same tokenizer, by identity
+    assert load_tokenizer(meta, None, step_dir).encode(TEXT) == mine.encode(TEXT)
+
+
+def test_megatron_args_naming_missing_files_is_a_note(setup, tmp_path, capsys):
+    """A Megatron checkpoint whose args name a tokenizer that is not on this machine (NVIDIA's paths): imported
+    without one, said in one line naming the flags; evaluating it then lists every tokenizer type's keys."""
+    from mtlm.convert import main
+
+    _, ckpt, _, _ = setup
+    meg = tmp_path / "meg"
+    assert main(["to-megatron", str(ckpt), str(meg)]) == 0
+    shutil.rmtree(meg / "tokenizer")
+    capsys.readouterr()
+    assert main(["from-megatron", str(meg), str(tmp_path / "back")]) == 0
+    err = capsys.readouterr().err
+    assert "args name a SentencePieceTokenizer tokenizer (tokenizer_model=" in err and "--tokenizer-file" in err
+    step_dir, meta = read_checkpoint(tmp_path / "back")
+    assert meta.get("tokenizer") is None
+    with pytest.raises(DataError, match="records no tokenizer") as info:
+        load_tokenizer(meta, None, step_dir)
+    for key in ("data.tokenizer.model=FILE.model", "type=gpt2", "type=wordpiece", "type=tokenizer.json"):
+        assert key in str(info.value)

@@ -27,6 +27,7 @@ import torch
 from mtlm.api import model_config
 from mtlm.checkpoint.format import PADDED_VOCAB
 from mtlm.convert.megatron_files import rank_files
+from mtlm.convert.megatron_tokenizer import import_tokenizer
 from mtlm.convert.pickles import safe_load
 from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
 from mtlm.errors import CheckpointError
@@ -59,9 +60,6 @@ GLOBAL_NAMES = {
 }
 BERT_TARGET, GPT_TARGET = "mtlm.model.bert.BERT", "mtlm.model.gpt.GPT"
 VERSIONS = (0, 1.0, 2.0, 3.0)
-# (mtlm tokenizer type, lowercase) -> Megatron-LM's --tokenizer-type, written into to-megatron's args.
-MEGATRON_TOKENIZERS = {("gpt2", None): "GPT2BPETokenizer", ("wordpiece", True): "BertWordPieceLowerCase",
-                       ("wordpiece", False): "BertWordPieceCase"}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -231,6 +229,8 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
     size is checked against the embedding, and it is recorded in the checkpoint's metadata."""
     label = str(src)
     ranks, args, version, info = read_megatron(src)
+    if tokenizer is None:  # none given: the one its args name (to-megatron writes it beside the files)
+        tokenizer = import_tokenizer(args, src, label)
     first = ranks[0]
     for needed in ("wte.weight", "wpe.weight", "ln_f.weight"):
         if needed not in first:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from mtlm.checkpoint.format import PADDED_VOCAB
-from mtlm.convert.megatron import BERT_TARGET, LAYER_NAMES, MEGATRON_TOKENIZERS
+from mtlm.convert.megatron import BERT_TARGET, LAYER_NAMES
 from mtlm.convert.megatron_files import TRACKER
+from mtlm.convert.megatron_tokenizer import MEGATRON_TOKENIZERS, export_tokenizer
 from mtlm.convert.writer import read_checkpoint
 from mtlm.errors import CheckpointError
 from mtlm.parallel.layers import pad_vocab_size
@@ -107,6 +108,7 @@ def to_megatron(checkpoint: str | Path, out_dir: str | Path, tensor: int = 1) ->
             v = full[name]
             full[name] = torch.cat([v, v.new_zeros(padded - v.shape[0], *v.shape[1:])])
     args = megatron_args(model, tensor, padded, meta.get("tokenizer"))
+    vars(args).update(export_tokenizer(meta.get("tokenizer"), out, str(checkpoint)))  # files beside, named in args
     places = {name: megatron_place(name) for name in full}
     places = {name: places[name] for name in sorted(places, key=megatron_order)}
     for rank in range(tensor):
