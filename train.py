@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mtlm.config import register_configs
+from mtlm.rank_env import is_rank_zero
 
 register_configs()
 
@@ -28,8 +29,7 @@ def main(cfg: DictConfig) -> None:
 def _quiet_non_main_rank() -> None:
     """Under torchrun / SLURM every rank runs this script. Only rank 0 may write Hydra's outputs: the others
     get no output dir, no .hydra/ and no log file, so they never race rank 0 (hydra#2070)."""
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    if rank != "0" and not any(a in ("-m", "--multirun") for a in sys.argv):
+    if not is_rank_zero() and not any(a in ("-m", "--multirun") for a in sys.argv):
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null",
                      "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 

@@ -13,16 +13,14 @@ of it), built from the model section stored in the checkpoint's metadata.json.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from types import SimpleNamespace
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 
 from mtlm.checkpoint.format import ShardReader, find_checkpoint, read_metadata
-from mtlm.config import ModelConfig
+from mtlm.config import MODEL_DEFAULTS
 from mtlm.model.bert import BERT
 from mtlm.model.build import build_model
 from mtlm.model.gpt import GPT
@@ -64,8 +62,7 @@ class MaskedLanguageModel(nn.Module):
 
 def model_config(meta: dict) -> SimpleNamespace:
     """The model section of a checkpoint, with today's defaults for keys an older checkpoint lacks."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not MISSING}
-    return SimpleNamespace(**{**defaults, **meta["model"]})
+    return SimpleNamespace(**{**MODEL_DEFAULTS, **meta["model"]})
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LanguageModel | MaskedLanguageModel:

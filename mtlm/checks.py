@@ -22,8 +22,8 @@ from mtlm.data import validate_data_config
 from mtlm.data.text_tokenizer import legacy_override_message
 from mtlm.errors import ConfigError, DataError
 from mtlm.model.build import check_parallel_axes, validate_model_config
-from mtlm.parallel.launch import env_world_size
 from mtlm.parallel.state import Grid
+from mtlm.rank_env import env_world_size
 from mtlm.train.optim import check_optimizer_config
 
 

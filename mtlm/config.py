@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mtlm.errors import ConfigError as ConfigError  # re-exported: `from mtlm.config import ConfigError`
 
+# The config tree (conf/ beside the package): every app composes from it (train.py, mtlm.evaluate, mtlm.plan, ...).
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 @dataclass
 class ModelConfig:
@@ -54,6 +57,18 @@ class ModelConfig:
     position_embedding: str = "learned"
     embedding_layernorm: bool = False
 
+
+# ModelConfig's defaults, the one place a model option's default is stated: a checkpoint saved before a key
+# existed, or a model section written by hand, reads it from here (model_option, mtlm.api.model_config).
+MODEL_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
+
+
+def model_option(model: Any, key: str) -> Any:
+    """`model.<key>` from a typed config, a checkpoint's model section (dict) or a namespace; ModelConfig's
+    default when the key is absent (not when it is set to null)."""
+    absent = object()
+    value = model.get(key, absent) if isinstance(model, Mapping) else getattr(model, key, absent)
+    return MODEL_DEFAULTS[key] if value is absent else value
 
 ATTENTION_IMPLS = ("auto", "sdpa", "unfused")
 

@@ -21,15 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 from mtlm.errors import ConfigError
 from mtlm.eval.app import BAD_INPUT, check_heads, check_overrides, exit_bad_input, rank_model
 from mtlm.eval.config import EvaluateConfig, register_eval_configs, validate_evaluate
-from mtlm.parallel.launch import RankEnv, env_world_size, launch
+from mtlm.eval.loading import autocast, load_tokenizer, read_checkpoint
+from mtlm.eval.tasks import evaluate_lambada, evaluate_wikitext, prepare
+from mtlm.metrics.sinks import WandbSink
+from mtlm.parallel.launch import RankEnv, launch
+from mtlm.rank_env import env_world_size
 
 register_eval_configs()
 
 
 def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> None:
-    from mtlm.eval.loading import autocast
-    from mtlm.eval.tasks import evaluate_lambada, evaluate_wikitext
-
     with rank_model(env, cfg_dict, "eval", job["step_dir"]) as (cfg, state, model):
         e = cfg.eval
         cast = lambda: autocast(cfg.precision.dtype, state.device)
@@ -53,8 +54,6 @@ def report(cfg: Any, result: dict[str, Any], out_dir: str | None) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     if cfg.logger.name == "wandb":
-        from mtlm.metrics.sinks import WandbSink
-
         sink = WandbSink(cfg.logger, OmegaConf.to_container(cfg, resolve=True), out_dir)
         sink.summary({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         sink.close("ok")
@@ -63,9 +62,6 @@ def report(cfg: Any, result: dict[str, Any], out_dir: str | None) -> None:
 
 def prepare_job(cfg: Any) -> dict[str, Any]:
     """Everything checked and tokenized in the launching process: bad input is one line before any spawn."""
-    from mtlm.eval.loading import load_tokenizer, read_checkpoint
-    from mtlm.eval.tasks import prepare
-
     step_dir, meta = read_checkpoint(cfg.checkpoint.dir)
     model = meta["model"]
     seq_length = cfg.eval.seq_length or model["seq_length"]

@@ -19,19 +19,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mtlm.data.text_tokenizer import tokenizer_from_entry
 from mtlm.errors import ConfigError
 from mtlm.eval.app import BAD_INPUT, check_heads, check_overrides, exit_bad_input, rank_model
 from mtlm.eval.config import GenerateConfig, register_eval_configs, validate_generate
-from mtlm.parallel.launch import RankEnv, env_world_size, launch
+from mtlm.eval.generation import Sampling, generate
+from mtlm.eval.loading import autocast, load_tokenizer, read_checkpoint
+from mtlm.eval.tasks import read_text
+from mtlm.parallel.launch import RankEnv, launch
+from mtlm.rank_env import env_world_size
 
 register_eval_configs()
 
 
 def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> None:
-    from mtlm.data.text_tokenizer import tokenizer_from_entry
-    from mtlm.eval.generation import Sampling, generate
-    from mtlm.eval.loading import autocast
-
     with rank_model(env, cfg_dict, "generate", job["step_dir"]) as (cfg, state, model):
         g = cfg.generate
         tok = tokenizer_from_entry(job["tokenizer"])
@@ -52,9 +53,6 @@ def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> Non
 
 def prepare_job(cfg: Any) -> dict[str, Any]:
     """Checkpoint, tokenizer and prompts checked in the launching process: one line before any spawn."""
-    from mtlm.eval.loading import load_tokenizer, read_checkpoint
-    from mtlm.eval.tasks import read_text
-
     step_dir, meta = read_checkpoint(cfg.checkpoint.dir)
     model = meta["model"]
     check_heads(model, cfg.parallel.tensor)

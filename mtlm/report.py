@@ -28,6 +28,18 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from mtlm.config import sweep_group_name as sweep_group_name  # re-exported: report.sweep_group_name
+from mtlm.metrics.sinks import wandb_mode
+from mtlm.plan.compare import (
+    PLAN_FILE,
+    PREDICTED_FIELDS,
+    add_predictions,
+    all_predicted,
+    calibration_baseline,
+    markdown_extra,
+    predicted_summary,
+    read_plan,
+    title_note,
+)
 
 # scaling.csv columns: (column, summary.json key). Every number is copied from the job's summary unchanged.
 CSV_FIELDS: tuple[tuple[str, str], ...] = (
@@ -77,7 +89,6 @@ def load_jobs(sweep_dir: str | Path) -> list[Job]:
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no sweep dir {root}")
-    from mtlm.plan.compare import PLAN_FILE, predicted_summary, read_plan
 
     dirs = [d for d in root.iterdir() if d.is_dir() and ((d / "summary.json").exists() or (d / ".hydra").is_dir()
                                                          or (d / PLAN_FILE).is_file())]
@@ -109,7 +120,6 @@ def pick_baseline(jobs: list[Job], baseline: str | None = None, sweep_dir: str |
     single = [j for j in ok if j.devices == 1]
     if single:
         return single[0], f"the sweep's 1-device job ({_describe(single[0])})"
-    from mtlm.plan.compare import all_predicted, calibration_baseline
 
     if all_predicted(jobs) and (cal := calibration_baseline(jobs)) is not None:
         return Job("calibration", cal), f"the cluster's calibration point ({cal['source']})"
@@ -265,8 +275,6 @@ def log_to_wandb(rows: list[dict[str, Any]], sweep_dir: Path, group: str, baseli
     replaces the report run an earlier call made for this sweep dir."""
     import wandb
 
-    from mtlm.metrics.sinks import wandb_mode
-
     replaced = _replace_earlier_report(sweep_dir)
     settings = wandb.Settings(console="off", disable_git=True, x_disable_stats=True, silent=True,
                               reinit="finish_previous")
@@ -321,7 +329,6 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, use_wandb: 
     rows = scaling_rows(jobs, base)
     failed = failed_jobs(jobs)
     title = sweep_group_name(root)
-    from mtlm.plan.compare import PREDICTED_FIELDS, add_predictions, markdown_extra, title_note
 
     both = add_predictions(rows, jobs, base.summary["tflops_per_device"])  # plans next to measured jobs
     shown = title + (f" ({label})" if (label := title_note(jobs)) else "")  # a sweep of plans only says so

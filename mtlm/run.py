@@ -7,7 +7,6 @@ and asks the planner for its precision warning, both above mtlm.train."""
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import Any
 
@@ -19,9 +18,10 @@ from mtlm.checkpoint.format import METADATA
 from mtlm.checks import validate
 from mtlm.data.build import build_data, prepare_data
 from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
-from mtlm.parallel.launch import RankEnv, env_world_size, launch, rank_device, threads_per_rank
+from mtlm.parallel.launch import RankEnv, backend_for, launch, rank_device, threads_per_rank
 from mtlm.parallel.state import Grid, ParallelState
 from mtlm.plan.planner import precision_warning
+from mtlm.rank_env import env_world_size, is_rank_zero
 from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
 from mtlm.train.loop import train
 from mtlm.train.outcome import error_line, final_line, record_failure
@@ -32,8 +32,7 @@ def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
     cfg = OmegaConf.create(cfg_dict)
     torch.set_num_threads(threads_per_rank(env.local_world_size, cfg.trainer.num_threads))
     device = rank_device(cfg.trainer.device, env.local_rank, env.local_world_size)
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else \
-        ("nccl" if device.type == "cuda" else "gloo")
+    backend = backend_for(cfg.parallel.backend, device)
     p = cfg.parallel
     state = ParallelState.initialize(p.tensor, p.data, env.rank, env.world_size, device, backend, p.timeout_s,
                                      pipeline=p.pipeline, sequence=p.sequence)
@@ -41,11 +40,6 @@ def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
         train(cfg, state, out_dir if state.is_main else None, cfg_dict)
     finally:
         state.destroy()
-
-
-def _first_rank() -> bool:
-    """The launching process, or rank 0 of torchrun / SLURM."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def run(cfg: DictConfig, out_dir: str | None) -> None:
@@ -66,7 +60,7 @@ def _run(cfg: DictConfig, out_dir: str | None, held: list[WriterLock]) -> None:
         validate(cfg, env_world_size())
         prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, cfg.trainer.seed)
         ck = cfg.get("checkpoint")
-        if ck is not None and ck.save and _first_rank():
+        if ck is not None and ck.save and is_rank_zero():
             # Before check_before_launch reads (and may reorganise) the folder.
             held.append(WriterLock(ck.dir, out_dir).acquire())
         data = functools.cache(lambda: build_data(cfg.data, cfg.model.seq_length, cfg.trainer.seed))
@@ -77,7 +71,7 @@ def _run(cfg: DictConfig, out_dir: str | None, held: list[WriterLock]) -> None:
         record_failure(out_dir, f"{kind} error: {err}")  # a multirun / torchrun job: Hydra made the dir already
         print(f"{kind} error: {err}", file=sys.stderr)
         sys.exit(2)
-    if _first_rank() and (line := precision_warning(cfg)):
+    if is_rank_zero() and (line := precision_warning(cfg)):
         print(line, file=sys.stderr, flush=True)  # e.g. bf16 on a CPU without native bf16 (issue 11)
     cfg_dict: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # picklable for spawned ranks
     cfg_dict["checkpoint"]["resume"] = resume  # resolved once here, so every rank and restart agrees

@@ -14,11 +14,11 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from mtlm.report import load_jobs
+
 
 def sweep_line(sweep_dir: str | os.PathLike) -> str:
     """`sweep dir: ... | 4 jobs ok, 0 failed | lowest val_loss 3.2101 (job 2) | per job: ...`."""
-    from mtlm.report import load_jobs
-
     root = Path(sweep_dir)
     jobs = load_jobs(root) if root.is_dir() else []
     ok = [j for j in jobs if j.summary.get("status") == "ok"]

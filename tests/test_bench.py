@@ -79,9 +79,10 @@ def test_preset_vocabulary_sizes_the_model_not_the_tokenizer() -> None:
     built-in corpus cannot train 50257 pieces), capped at the model's vocabulary; an explicit one wins."""
     from omegaconf import OmegaConf
 
-    from mtlm.bench.speed import CONF_DIR, compose_config
+    from mtlm.bench.speed import compose_config
+    from mtlm.config import CONF_DIR
 
-    default = OmegaConf.load(CONF_DIR / "data" / "builtin.yaml").vocab_size
+    default = OmegaConf.load(os.path.join(CONF_DIR, "data", "builtin.yaml")).vocab_size
     preset = Shape(hidden=32, layers=2, heads=4, seq=16, batch=2, vocab=50257)
     cfg = compose_config(preset, "fp32")
     assert (cfg.model.vocab_size, cfg.data.vocab_size) == (50257, default) and default < 50257

@@ -18,6 +18,7 @@ from mtlm.checkpoint.format import CheckpointError
 from mtlm.convert import main, to_hf
 from mtlm.data.bert import IGNORE, MaskedLMDataset, SpecialIds, chunk_documents, document_bounds
 from mtlm.model.bert import BERT, num_parameters
+from mtlm.model.transformer import MLP
 from mtlm.parallel import ParallelState
 from mtlm.parallel.random import seed_streams
 from mtlm.train.checkpoint import save_checkpoint
@@ -299,3 +300,17 @@ def test_gpt_takes_the_shared_layer_choices() -> None:
     x = torch.linspace(-3, 3, 7)
     assert torch.equal(post.blocks[0].mlp.act(x), torch.nn.functional.gelu(x))
     assert torch.equal(gpt2.blocks[0].mlp.act(x), torch.nn.functional.gelu(x, approximate="tanh"))
+
+
+def test_a_missing_activation_is_the_typed_configs_default_in_every_layer() -> None:
+    """Issue 25: the layers and the masked-LM head read model.activation from one default (ModelConfig's,
+    gelu_tanh), where the head used to fall back to exact gelu and the layers to the tanh form."""
+    cfg = _cfg()
+    del cfg.activation
+    model = BERT(cfg, VOCAB, ParallelState())
+    x = torch.linspace(-4, 4, 101)
+    expected = torch.nn.functional.gelu(x, approximate="tanh")
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert mlps and all(torch.equal(m.act(x), expected) for m in mlps)
+    assert torch.equal(model.lm_head.act(x), expected)
+    assert not torch.equal(expected, torch.nn.functional.gelu(x))  # the two forms do differ here

@@ -14,9 +14,11 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from mtlm.bench.speed import Shape, bench_speed, format_speed
 from mtlm.bench.tp_scaling import WIDE, bench_tp_scaling, format_tp_scaling
+from mtlm.config import CONF_DIR
 from mtlm.parallel.launch import threads_per_rank
 
 
@@ -75,9 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 def _preset_shape(name: str, parser: argparse.ArgumentParser) -> Shape:
     from omegaconf import OmegaConf
 
-    from mtlm.bench.speed import CONF_DIR
-
-    path = CONF_DIR / "model" / f"{name}.yaml"
+    path = Path(CONF_DIR) / "model" / f"{name}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in path.parent.glob("*.yaml"))
         parser.error(f"--model {name}: no {path}; choose one of {', '.join(names)}")

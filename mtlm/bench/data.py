@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 # Only torch-free imports at the top: the preprocessing workers (spawned) import this module again as __main__.
+from mtlm.config import CONF_DIR, register_configs
 from mtlm.data.corpus import default_documents
 from mtlm.data.indexed import IndexedDataset
 from mtlm.data.preprocess import preprocess
@@ -82,7 +83,7 @@ def _cpu_seconds() -> float:
 
 def bench_batches(prefix: str, seq: int, batch: int, steps: int, cache: str) -> dict[str, float]:
     """Batch assembly: global batches at random positions (index built first, timed apart)."""
-    from mtlm.data.gpt_dataset import TokenFileDataset
+    from mtlm.data.gpt_dataset import TokenFileDataset  # deferred: torch (the workers import this module)
 
     ds = IndexedDataset(prefix)
     t0 = time.perf_counter()
@@ -101,14 +102,13 @@ def bench_train_step(prefix: str, vocab: int, steps: int, warmup: int) -> dict[s
     """gpt2_tiny's training step (the real Trainer, fp32, this process's threads) on the same token file."""
     from hydra import compose, initialize_config_dir
 
+    # deferred: torch and the model (the preprocessing workers import this module again, torch-free)
     from mtlm.checks import validate
-    from mtlm.config import register_configs
     from mtlm.parallel import ParallelState
     from mtlm.train.loop import Trainer
 
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
     register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=conf, job_name="bench_data"):
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR, job_name="bench_data"):
         cfg = compose(config_name="config", overrides=["logger=none", "checkpoint.save=false",
                                                         f"data.paths=[{prefix}]", f"model.vocab_size={vocab}"])
     validate(cfg, world_size=1)

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from mtlm.checks import validate
+from mtlm.config import CONF_DIR, register_configs
+from mtlm.data.build import build_data, prepare_data
 from mtlm.metrics.memory import (
     SavedActivations,
     activation_bytes,
@@ -38,9 +41,9 @@ from mtlm.metrics.memory import (
 )
 from mtlm.parallel.launch import RankEnv, launch
 from mtlm.parallel.layers import pad_vocab_size
-from mtlm.parallel.state import Grid
+from mtlm.parallel.state import Grid, ParallelState
+from mtlm.train.loop import Trainer
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DATA = 2  # data-parallel ranks: sharding needs some, and both sides of the comparison use the same layout
 MICRO_BATCH = 8  # sequences per rank per micro-batch
 MODELS = {
@@ -56,11 +59,8 @@ MIB, GB = 2**20, 1e9
 def compose_config(overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
 
-    from mtlm.checks import validate
-    from mtlm.config import register_configs
-
     register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="bench_memory"):
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR, job_name="bench_memory"):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
     validate(cfg, world_size=Grid.of(cfg.parallel).world)
     return cfg
@@ -84,9 +84,6 @@ def _recompute_working_set(trainer: Any) -> int:
 
 
 def _rank(env: RankEnv, runs: list[dict], out: str) -> None:
-    from mtlm.parallel.state import ParallelState
-    from mtlm.train.loop import Trainer
-
     torch.set_num_threads(1)
     state = ParallelState.initialize(1, DATA, env.rank, env.world_size, torch.device("cpu"), "gloo", 1800.0)
     rows = []
@@ -122,8 +119,6 @@ def predict(cfg: Any, padded_vocab: int, checkpointing: bool, shard: bool, data:
 
 
 def bench_memory(extra: list[str]) -> list[dict]:
-    from mtlm.data import build_data, prepare_data
-
     runs = []
     for model in MODELS:
         for checkpointing in (False, True):
@@ -170,10 +165,8 @@ def _paper_config(preset: str) -> Any:
     """The preset's shapes without validating the layout (this machine has no 8 GPUs)."""
     from hydra import compose, initialize_config_dir
 
-    from mtlm.config import register_configs
-
     register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="bench_memory"):
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR, job_name="bench_memory"):
         return compose(config_name="config", overrides=[f"model={preset}", "trainer.micro_batch_size=8",
                                                         "model.dropout=0.1"])
 

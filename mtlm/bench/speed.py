@@ -24,7 +24,6 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,12 +33,14 @@ try:
 except ImportError:  # pragma: no cover
     resource = None
 
-from mtlm.metrics.flops import model_flops_per_iteration, peak_tflops
+from mtlm.bench.plain import plain_step
+from mtlm.checks import validate
+from mtlm.config import CONF_DIR, register_configs
+from mtlm.metrics.flops import _cpu_model_name, model_flops_per_iteration, peak_tflops
 from mtlm.parallel.layers import pad_vocab_size
 from mtlm.parallel.state import Grid, ParallelState
+from mtlm.train.loop import Trainer
 from mtlm.train.precision import DTYPES
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,9 @@ def compose_config(shape: Shape, precision: str, tensor: int = 1, compile_model:
     work per step does not depend on how many of the model's rows the tokens use."""
     from hydra import compose, initialize_config_dir
 
-    from mtlm.checks import validate
-    from mtlm.config import register_configs
-
     s = shape
     register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="bench"):
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR, job_name="bench"):
         cfg = compose(config_name="config", overrides=[
             "logger=none", f"precision={precision}", f"trainer.device={device}", "checkpoint.resume=none",
             f"model.hidden_size={s.hidden}", f"model.num_layers={s.layers}",
@@ -101,8 +99,6 @@ def _autocast(device: torch.device, precision: str):
 
 def mtlm_step(cfg: Any, state: ParallelState) -> Callable[[], Any]:
     """One optimizer step of the real training loop."""
-    from mtlm.train.loop import Trainer
-
     trainer = Trainer(cfg, state, None, {})
     return trainer.train_step
 
@@ -200,8 +196,6 @@ def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmu
     if hf:
         fns["transformers"] = hf_step(shape, precision, dev)
     if plain:
-        from mtlm.bench.plain import plain_step
-
         fns["plain"] = plain_step(shape, DTYPES[precision], dev)
     gemm, gemm_flops = gemm_step(shape, precision, dev)
     fns["gemm"] = gemm
@@ -244,7 +238,6 @@ def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmu
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    from mtlm.metrics.flops import _cpu_model_name
 
     return f"{_cpu_model_name()} ({os.cpu_count()} cores)"
 

@@ -15,6 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mtlm.convert.deepspeed import from_deepspeed
+from mtlm.convert.hf import from_hf, to_hf
+from mtlm.convert.megatron import from_megatron
+from mtlm.convert.megatron_export import to_megatron
+from mtlm.data.gpt2_bpe import GPT2BPETokenizer
+from mtlm.data.hf_tokenizers import JsonTokenizer, WordPieceTokenizer
 from mtlm.errors import CheckpointError, DataError
 
 # Megatron-LM's --tokenizer-type values, for the WordPiece case: does it lower-case?
@@ -35,8 +41,6 @@ def add_tokenizer_options(p: argparse.ArgumentParser) -> None:
 
 def open_tokenizer(args: argparse.Namespace) -> Any:
     """The tokenizer the options name, or None."""
-    from mtlm.data.hf_tokenizers import JsonTokenizer, WordPieceTokenizer
-
     if args.tokenizer_file:
         return JsonTokenizer(args.tokenizer_file)
     if not args.vocab_file:
@@ -56,7 +60,6 @@ def open_tokenizer(args: argparse.Namespace) -> Any:
 def _gpt2_bpe(vocab_json: str, merges: str | None) -> Any:
     if not merges:
         raise DataError(f"--vocab-file {vocab_json}: a GPT-2 BPE needs --merge-file merges.txt too")
-    from mtlm.data.gpt2_bpe import GPT2BPETokenizer
 
     return GPT2BPETokenizer(vocab_json, merges)
 
@@ -73,37 +76,27 @@ def _guard(fn):
 
 @_guard
 def _from_megatron(args: argparse.Namespace) -> Path:
-    from mtlm.convert.megatron import from_megatron
-
     return from_megatron(args.src, args.out_dir, args.tensor, args.preset, args.num_attention_heads,
                          open_tokenizer(args))
 
 
 @_guard
 def _to_megatron(args: argparse.Namespace) -> Path:
-    from mtlm.convert.megatron_export import to_megatron
-
     return to_megatron(args.checkpoint, args.out_dir, args.tensor)
 
 
 @_guard
 def _from_deepspeed(args: argparse.Namespace) -> Path:
-    from mtlm.convert.deepspeed import from_deepspeed
-
     return from_deepspeed(args.src, args.out_dir, args.tensor, args.preset, args.num_attention_heads,
                           open_tokenizer(args))
 
 
 def _to_hf(args: argparse.Namespace) -> Path:
-    from mtlm.convert.hf import to_hf
-
     return to_hf(args.checkpoint, args.out_dir)
 
 
 @_guard
 def _from_hf(args: argparse.Namespace) -> Path:
-    from mtlm.convert.hf import from_hf
-
     return from_hf(args.hf_dir, args.out_dir, args.tensor, open_tokenizer(args))
 
 

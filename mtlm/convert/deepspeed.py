@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
+from mtlm.api import model_config
 from mtlm.convert import bloom
+from mtlm.convert.megatron import read_preset
 from mtlm.convert.pickles import safe_load
 from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
 from mtlm.errors import CheckpointError
@@ -109,8 +111,6 @@ def from_deepspeed(src: str | Path, out_dir: str | Path, tensor: int = 1, preset
                    num_attention_heads: int | None = None, tokenizer: Any = None) -> Path:
     """Import a Megatron-DeepSpeed BLOOM checkpoint as an mtlm checkpoint at tensor degree `tensor`.
     Heads cannot be read off the tensors: give `preset` (e.g. bloom_560m) or `num_attention_heads`."""
-    from mtlm.convert.megatron import read_preset
-
     folder = step_folder(Path(src))
     ranks, layers = _layer_tensors(folder)
     label = str(folder)
@@ -139,6 +139,4 @@ def from_deepspeed(src: str | Path, out_dir: str | Path, tensor: int = 1, preset
 
 
 def _namespace(model: dict) -> Any:
-    from mtlm.api import model_config
-
     return model_config({"model": model})

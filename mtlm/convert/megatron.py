@@ -26,6 +26,7 @@ import torch
 
 from mtlm.api import model_config
 from mtlm.checkpoint.format import PADDED_VOCAB
+from mtlm.config import model_option
 from mtlm.convert.megatron_files import rank_files
 from mtlm.convert.megatron_tokenizer import import_tokenizer
 from mtlm.convert.pickles import safe_load
@@ -215,7 +216,7 @@ def model_section(first: dict[str, torch.Tensor], saved_tensor: int, args: Any, 
             "make_vocab_size_divisible_by", 128),
         "dropout": 0.1 if dropout is None else dropout, "init_std": getattr(args, "init_method_std", 0.02),
         "layernorm_eps": getattr(args, "layernorm_epsilon", 1e-5),
-        "activation": _activation(args) if args is not None else spec.get("activation", "gelu_tanh"),
+        "activation": _activation(args) if args is not None else model_option(spec, "activation"),
         "layernorm_order": "pre",
     }
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mtlm.checkpoint.format import PADDED_VOCAB
+from mtlm.config import model_option
 from mtlm.convert.megatron import BERT_TARGET, LAYER_NAMES
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.megatron_tokenizer import MEGATRON_TOKENIZERS, export_tokenizer
@@ -87,7 +88,7 @@ def megatron_args(model: dict, tensor: int, padded: int, tokenizer: dict | None)
         layernorm_epsilon=model["layernorm_eps"], hidden_dropout=model["dropout"],
         attention_dropout=model["dropout"], init_method_std=model["init_std"],
         # The fused bias-GeLU kernel is the tanh approximation; exact GeLU needs it off (and no openai_gelu).
-        bias_gelu_fusion=model.get("activation", "gelu_tanh") == "gelu_tanh", openai_gelu=False, **extra,
+        bias_gelu_fusion=model_option(model, "activation") == "gelu_tanh", openai_gelu=False, **extra,
     )
 
 
@@ -100,7 +101,7 @@ def to_megatron(checkpoint: str | Path, out_dir: str | Path, tensor: int = 1) ->
         raise CheckpointError(f"{out}: not empty; to-megatron writes into a new or empty folder")
     if model["num_attention_heads"] % tensor:
         raise CheckpointError(f"--tensor {tensor} does not divide the model's {model['num_attention_heads']} heads")
-    if model.get("layernorm_order", "pre") != "pre" or model.get("position_embedding", "learned") != "learned":
+    if model_option(model, "layernorm_order") != "pre" or model_option(model, "position_embedding") != "learned":
         raise CheckpointError(f"{checkpoint}: a post-LN or ALiBi model has no Megatron-LM 3.0 equivalent")
     padded = pad_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], tensor)
     for name in PADDED_VOCAB:

@@ -36,7 +36,9 @@ from mtlm.checkpoint.format import (
     read_metadata,
     write_json,
 )
+from mtlm.data.hf_tokenizers import check_vocab, tokenizer_entry
 from mtlm.errors import DataError
+from mtlm.model.build import build_model
 from mtlm.parallel.state import ParallelState
 
 ModelBuilder = Callable[[Any, int, ParallelState], nn.Module]
@@ -44,8 +46,6 @@ ModelBuilder = Callable[[Any, int, ParallelState], nn.Module]
 
 def build_on_meta(cfg: Any, vocab_size: int, state: ParallelState) -> nn.Module:
     """The model a checkpoint's model section describes (its `_target_`), on the meta device (shapes only)."""
-    from mtlm.model.build import build_model
-
     return build_model(cfg, vocab_size, state, device="meta")
 
 
@@ -111,7 +111,6 @@ def tokenizer_metadata(tokenizer: Any, rows: int, where: str, divisible: int | N
     size); None without a tokenizer."""
     if tokenizer is None:
         return None
-    from mtlm.data.hf_tokenizers import check_vocab, tokenizer_entry
 
     try:
         check_vocab(tokenizer, rows, divisible, saved_tensor, where)

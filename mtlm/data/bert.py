@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mtlm.data.build import VAL_SEED, DataBundle, build_data
 from mtlm.data.dataset import EpochOrder
 from mtlm.errors import DataError
 
@@ -181,8 +182,6 @@ def _documents(ds, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
 def build_bert_data(cfg, seq_length: int, seed: int):
     """The GPT pipeline's tokens (mtlm.data.build_data: the cached text corpus, or one Megatron token file),
     cut into documents and served as masked-LM samples. Cheap enough for every rank."""
-    from mtlm.data.build import VAL_SEED, DataBundle, build_data
-
     bundle = build_data(cfg, seq_length, seed)
     tok = bundle.tokenizer
     if tok is None:

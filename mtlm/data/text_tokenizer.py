@@ -18,6 +18,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from mtlm.data.gpt2_bpe import GPT2BPETokenizer
+from mtlm.data.hf_tokenizers import JsonTokenizer, WordPieceTokenizer, from_entry
+from mtlm.data.tokenizer import Tokenizer
 from mtlm.errors import DataError
 
 TOKENIZER_TYPES = ("sentencepiece", "gpt2", "wordpiece", "tokenizer.json")
@@ -159,21 +162,14 @@ def check_spec(spec: TokenizerSpec) -> None:
 def load_tokenizer(spec: TokenizerSpec) -> TextTokenizer:
     """The tokenizer the spec names (a trained-here sentencepiece model must be given as `model`)."""
     if spec.type == "gpt2":
-        from mtlm.data.gpt2_bpe import GPT2BPETokenizer
-
         return GPT2BPETokenizer(spec.vocab_file, spec.merge_file)
     if spec.type == "wordpiece":
-        from mtlm.data.hf_tokenizers import WordPieceTokenizer
-
         return WordPieceTokenizer(spec.vocab_file)
     if spec.type == "tokenizer.json":
-        from mtlm.data.hf_tokenizers import JsonTokenizer
-
         return JsonTokenizer(spec.model)
     if spec.model is None:
         raise DataError("data.tokenizer.model: no sentencepiece model given (null trains one from raw text, "
                         "which token files are not)")
-    from mtlm.data.tokenizer import Tokenizer
 
     return Tokenizer(spec.model)
 
@@ -183,13 +179,8 @@ def tokenizer_from_entry(entry: dict) -> TextTokenizer:
     as training wrote them before GPT-2 BPE existed)."""
     kind = entry.get("type") or "sentencepiece"
     if kind == "sentencepiece":
-        from mtlm.data.tokenizer import Tokenizer
-
         return Tokenizer(entry["path"])
     if kind == "gpt2":
-        from mtlm.data.gpt2_bpe import GPT2BPETokenizer
-
         return GPT2BPETokenizer(entry["path"], entry["merge_file"])
-    from mtlm.data.hf_tokenizers import from_entry
 
     return from_entry(entry)

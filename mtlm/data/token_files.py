@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mtlm.data.cache import atomic_write_json
 from mtlm.data.gpt_dataset import BlendedDataset, TokenFileDataset, index_dir
 from mtlm.data.indexed import IndexedDataset, read_header
 from mtlm.errors import DataError
@@ -137,8 +138,6 @@ def max_token_id(ds: IndexedDataset, cache_root: str) -> int:
         pass
     top = ds.max_token_id()
     try:
-        from mtlm.data.cache import atomic_write_json
-
         atomic_write_json(path, {"stamp": stamp, "max_token_id": top})
     except OSError:
         pass

@@ -12,7 +12,8 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        import mtlm.eval.harness as harness  # registers "mtlm" in lm_eval's model registry
+        # deferred: lm-eval is optional (the [eval] extra); importing it registers "mtlm" as an lm_eval model
+        import mtlm.eval.harness as harness
     except ImportError as err:
         print(f"lm-eval is not installed ({err}); pip install -e \".[eval]\"", file=sys.stderr)
         sys.exit(2)

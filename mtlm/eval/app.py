@@ -4,19 +4,21 @@ torchrun / SLURM, one-line exits for bad input, and a rank's process setup (as t
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from mtlm.checkpoint.format import read_metadata
 from mtlm.checks import compose_error
+from mtlm.config import CONF_DIR
 from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
-from mtlm.parallel.launch import RankEnv, rank_device, threads_per_rank
+from mtlm.eval.loading import load_gpt
+from mtlm.parallel.launch import RankEnv, backend_for, rank_device, threads_per_rank
 from mtlm.parallel.state import ParallelState
+from mtlm.rank_env import is_rank_zero
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 BAD_INPUT = (ConfigError, DataError, CheckpointError)
 
 
@@ -30,8 +32,7 @@ def check_overrides(config_name: str, check: Callable[[Any, int | None], None], 
     if error:
         print(error, file=sys.stderr)
         sys.exit(2)
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    if rank != "0":  # under torchrun / SLURM only rank 0 writes Hydra's outputs (see train.py)
+    if not is_rank_zero():  # under torchrun / SLURM only rank 0 writes Hydra's outputs (see train.py)
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                      "hydra/hydra_logging=disabled"]
 
@@ -47,8 +48,7 @@ def rank_state(env: RankEnv, tensor: int, device: str, num_threads: int | None, 
     """This rank's threads, device and place in the tensor group (data degree 1)."""
     torch.set_num_threads(threads_per_rank(env.local_world_size, num_threads))
     dev = rank_device(device, env.local_rank)
-    backend = backend if backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
-    return ParallelState.initialize(tensor, 1, env.rank, env.world_size, dev, backend, timeout_s)
+    return ParallelState.initialize(tensor, 1, env.rank, env.world_size, dev, backend_for(backend, dev), timeout_s)
 
 
 @contextlib.contextmanager
@@ -56,9 +56,6 @@ def rank_model(env: RankEnv, cfg_dict: dict, section: str, step_dir: str) -> Ite
     """(config, parallel state, this rank's slices of the checkpoint's GPT) in a spawned rank; the process
     group is torn down on exit. `section`: the app's options (eval / generate), naming device and threads."""
     from omegaconf import OmegaConf
-
-    from mtlm.checkpoint.format import read_metadata
-    from mtlm.eval.loading import load_gpt
 
     cfg = OmegaConf.create(cfg_dict)
     opts = cfg[section]

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from mtlm.config import LoggerConfig, ParallelConfig, PrecisionConfig, register_configs
 from mtlm.config_checks import check_known_keys
+from mtlm.data.text_tokenizer import check_spec, tokenizer_spec
 from mtlm.errors import ConfigError, DataError
 
 TASKS = ("wikitext", "lambada")
@@ -136,8 +137,6 @@ def _common(cfg: Any, world_size: int | None, device: str, num_threads: int | No
         raise ConfigError("checkpoint.dir", "give the checkpoint to load: checkpoint.dir=DIR")
     tok = cfg.data.tokenizer
     if any(getattr(tok, k) for k in ("type", "model", "vocab_file", "merge_file")):
-        from mtlm.data.text_tokenizer import check_spec, tokenizer_spec
-
         try:
             check_spec(tokenizer_spec(tok))
         except DataError as err:

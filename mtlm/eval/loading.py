@@ -30,6 +30,7 @@ from mtlm.errors import CheckpointError, DataError
 from mtlm.model.gpt import GPT
 from mtlm.parallel.state import ParallelState
 from mtlm.train.checkpoint import load_weights
+from mtlm.train.precision import DTYPES
 
 GPT_TARGET = "mtlm.model.gpt.GPT"
 
@@ -103,6 +104,4 @@ def load_tokenizer(meta: dict, override: Any, step_dir: Path) -> TextTokenizer:
 
 def autocast(dtype: str, device: torch.device):
     """The precision group's compute dtype as an autocast context (fp32: none)."""
-    from mtlm.train.precision import DTYPES
-
     return contextlib.nullcontext() if dtype == "fp32" else torch.autocast(device.type, dtype=DTYPES[dtype])

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mtlm.config import model_option
 from mtlm.errors import ConfigError
 
 
@@ -67,7 +68,7 @@ POSITION_EMBEDDINGS = ("learned", "alibi")
 
 def validate_position_options(m: Any, family: str) -> None:
     """model.position_embedding / model.embedding_layernorm (mtlm.config.validate, via model/build.py)."""
-    kind = getattr(m, "position_embedding", "learned")
+    kind = model_option(m, "position_embedding")
     if kind not in POSITION_EMBEDDINGS:
         raise ConfigError("model.position_embedding", f"must be learned or alibi, got {kind!r}")
     if family != "gpt":

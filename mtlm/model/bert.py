@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlm.config import model_option
 from mtlm.model.transformer import (
     Block,
     VocabParallelLM,
@@ -54,7 +55,7 @@ class LMHead(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.dense = replicated(nn.Linear(h, h, device=device, dtype=dtype))
-        self.act = activation_fn(getattr(cfg, "activation", "gelu"))
+        self.act = activation_fn(model_option(cfg, "activation"))
         self.ln = replicated(nn.LayerNorm(h, eps=cfg.layernorm_eps, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(local_vocab, device=device, dtype=dtype))
         self.bias.partition_dim = 0

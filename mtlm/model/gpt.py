@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlm.config import model_option
 from mtlm.model.kv_cache import KVCache
 from mtlm.model.transformer import (  # noqa: F401  (Attention, MLP, unfused_attention, _use_unfused: re-exported)
     MLP,
@@ -58,12 +59,12 @@ class GPT(VocabParallelLM):
         h = cfg.hidden_size
         # Learned positions (GPT-2), or none: ALiBi in the attention (BLOOM, model.position_embedding=alibi).
         self.wpe = replicated(nn.Embedding(cfg.max_position_embeddings, h, device=device, dtype=dtype)) \
-            if getattr(cfg, "position_embedding", "learned") == "learned" else None
+            if model_option(cfg, "position_embedding") == "learned" else None
         # A layer norm on the embeddings: BLOOM's (model.embedding_layernorm), or post-LN's (the blocks end in
         # a layer norm, so there is no final one: original BERT's and the original transformer's arrangement).
-        pre_ln = getattr(cfg, "layernorm_order", "pre") == "pre"
+        pre_ln = model_option(cfg, "layernorm_order") == "pre"
         norm = lambda: stream_module(nn.LayerNorm(h, eps=cfg.layernorm_eps, device=device, dtype=dtype), state)
-        self.ln_emb = norm() if getattr(cfg, "embedding_layernorm", False) or not pre_ln else None
+        self.ln_emb = norm() if model_option(cfg, "embedding_layernorm") or not pre_ln else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, state, True, device, dtype) for _ in range(cfg.num_layers))
         self.ln_f = norm() if pre_ln else None

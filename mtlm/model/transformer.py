@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlm.config import model_option
 from mtlm.model.alibi import alibi_causal_bias, local_slopes
 from mtlm.model.kv_cache import LayerKV, cached_attention
 from mtlm.parallel.layers import (
@@ -143,10 +144,10 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.causal = causal
         self.device = state.device
-        self.impl = getattr(cfg, "attention", "auto")
+        self.impl = model_option(cfg, "attention")
         # BLOOM (model.position_embedding=alibi): this rank's heads' ALiBi slopes, a bias on the scores instead
         # of position embeddings.
-        alibi = getattr(cfg, "position_embedding", "learned") == "alibi"
+        alibi = model_option(cfg, "position_embedding") == "alibi"
         self.slopes = local_slopes(heads, state.tensor, state.tp_rank) if alibi else None
         # Output rows are grouped by head ([head][q,k,v][head_dim]), so a rank's contiguous slice holds whole
         # heads, and a checkpoint shard for another tensor degree is again a contiguous slice.
@@ -188,7 +189,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: Any, state: ParallelState, device=None, dtype=None) -> None:
         super().__init__()
         h = cfg.hidden_size
-        self.act = activation_fn(getattr(cfg, "activation", "gelu_tanh"))
+        self.act = activation_fn(model_option(cfg, "activation"))
         self.fc = ColumnParallelLinear(h, 4 * h, state, device=device, dtype=dtype, sequence_parallel=state.sequence)
         self.proj = RowParallelLinear(4 * h, h, state, device=device, dtype=dtype, sequence_parallel=state.sequence)
 
@@ -206,7 +207,7 @@ class Block(nn.Module):
     def __init__(self, cfg: Any, state: ParallelState, causal: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         h, eps = cfg.hidden_size, cfg.layernorm_eps
-        self.pre_ln = getattr(cfg, "layernorm_order", "pre") == "pre"
+        self.pre_ln = model_option(cfg, "layernorm_order") == "pre"
         self.state = state
         self.ln1 = stream_module(nn.LayerNorm(h, eps=eps, device=device, dtype=dtype), state)
         self.attn = Attention(cfg, state, causal, device, dtype)
@@ -231,7 +232,7 @@ def stream_norms(cfg: Any, device=None, dtype=None) -> tuple[nn.LayerNorm | None
     stack ends in a final layer norm; post-LN blocks end in one already, and the embeddings are normalised
     instead (original BERT's embedding LayerNorm)."""
     norm = replicated(nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, device=device, dtype=dtype))
-    return (None, norm) if getattr(cfg, "layernorm_order", "pre") == "pre" else (norm, None)
+    return (None, norm) if model_option(cfg, "layernorm_order") == "pre" else (norm, None)
 
 
 def layer_parameters(hidden: int) -> int:

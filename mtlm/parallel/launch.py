@@ -14,63 +14,18 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
-
-@dataclass(frozen=True)
-class RankEnv:
-    kind: str  # "local" (we spawn), "torchrun" or "slurm"
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    master_addr: str | None = None
-    master_port: int | None = None
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if m is None:
-        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
-
-
-def detect_rank_env(environ: Mapping[str, str]) -> RankEnv | None:
-    """The ranks an outside launcher started, or None when this process should spawn its own."""
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        world = int(environ["WORLD_SIZE"])
-        return RankEnv("torchrun", int(environ["RANK"]), world, int(environ.get("LOCAL_RANK", 0)),
-                       int(environ.get("LOCAL_WORLD_SIZE", world)), environ.get("MASTER_ADDR"),
-                       int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None)
-    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
-        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", "localhost")
-        job_id = int(environ.get("SLURM_JOB_ID", "0"))
-        return RankEnv("slurm", int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
-                       int(environ.get("SLURM_LOCALID", 0)),
-                       int(environ.get("SLURM_NTASKS_PER_NODE", environ["SLURM_NTASKS"]).split("(")[0]),
-                       environ.get("MASTER_ADDR", first_slurm_host(nodelist)),
-                       int(environ.get("MASTER_PORT", 20000 + job_id % 20000)))
-    return None
-
-
-def env_world_size() -> int | None:
-    """The world size a launcher (torchrun, SLURM) set up for us, or None when we launch ranks ourselves."""
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_NTASKS"])
-    return None
+# What torchrun / SLURM told this process lives in the torch-free mtlm/rank_env.py; its names are re-exported.
+from mtlm.rank_env import RankEnv as RankEnv
+from mtlm.rank_env import detect_rank_env as detect_rank_env
+from mtlm.rank_env import env_world_size as env_world_size
+from mtlm.rank_env import first_slurm_host as first_slurm_host
 
 
 def free_port() -> int:
@@ -185,3 +140,10 @@ def rank_device(cfg_device: str, local_rank: int, local_world_size: int | None =
     index = cuda_index(local_rank, torch.cuda.device_count(), local_world_size)
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def backend_for(backend: str, device: torch.device) -> str:
+    """parallel.backend: `auto` is NCCL for ranks on CUDA devices and gloo otherwise; gloo and nccl as given."""
+    if backend != "auto":
+        return backend
+    return "nccl" if device.type == "cuda" else "gloo"

@@ -17,22 +17,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtlm.checks import compose_error, validate
-from mtlm.config import register_configs
-from mtlm.config_checks import sweep_jobs
+from mtlm.config import CONF_DIR, register_configs
+from mtlm.config_checks import check_known_keys, sweep_jobs
 from mtlm.errors import ConfigError
 from mtlm.parallel.state import Grid
+from mtlm.plan import probe  # module, not names: tests stand in for its probes
+from mtlm.plan.planner import check_layout, make_plan
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 register_configs()
 
 
 def validate_plan(cfg: Any, world_size: int | None = None) -> None:
     """train.py's validate() on the planned config, as if a launcher had started its tensor x data ranks on
     the cluster (this machine's GPUs do not matter), then the cluster's own checks."""
-    from mtlm.config_checks import check_known_keys
-    from mtlm.plan.planner import check_layout
-    from mtlm.plan.probe import cores, ram_gb
-
     check_known_keys(cfg)  # here, as validate() below sees a copy without cluster / plan (+cluster.foo=1)
     if cfg.cluster is None:
         raise ConfigError("cluster", "pick one: cluster=dgx2h_v100 | dgx_a100 | dgx_h100 | cpu_local")
@@ -47,9 +44,9 @@ def validate_plan(cfg: Any, world_size: int | None = None) -> None:
         raise ConfigError("cluster.nodes", f"must be >= 1, got {c.nodes}")
     if c.device == "cpu" and cfg.trainer.device == "cuda":
         raise ConfigError("trainer.device", f"cluster {c.name} has CPU devices only")
-    per_node = c.devices_per_node or cores()
+    per_node = c.devices_per_node or probe.cores()
     check_layout(cfg, {"name": c.name, "devices": per_node * c.nodes, "nodes": c.nodes,
-                       "devices_per_node": per_node, "device_memory_gb": c.device_memory_gb or ram_gb()})
+                       "devices_per_node": per_node, "device_memory_gb": c.device_memory_gb or probe.ram_gb()})
 
 
 def table(plan: dict[str, Any]) -> str:
@@ -83,8 +80,6 @@ def table(plan: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="plan")
 def main(cfg: DictConfig) -> None:
-    from mtlm.plan.planner import make_plan
-
     try:
         validate_plan(cfg)
         plan = make_plan(cfg)

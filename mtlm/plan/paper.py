@@ -12,6 +12,10 @@ import os
 import sys
 from typing import Any
 
+from mtlm.config import CONF_DIR, register_configs
+from mtlm.plan.__main__ import validate_plan
+from mtlm.plan.planner import make_plan
+
 # §5.1 (../shared/reference/megatron-paper.md): 77% at 8-way tensor parallel, 74% and 15.1 PFLOP/s on 512 GPUs.
 # Fig. 5's other bars and Appendix D's strong-scaling speed-ups (the 1.2B model, batch fixed) are as read from the
 # paper (arXiv 1909.08053v4) and are not in the shared reference file.
@@ -24,10 +28,6 @@ IN_REFERENCE = {("weak_scaling_tp", "paper_8.3b_t8"), ("weak_scaling_tp_dp", "pa
 
 def _plan(*overrides: str) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
-
-    from mtlm.config import register_configs
-    from mtlm.plan.__main__ import CONF_DIR, validate_plan
-    from mtlm.plan.planner import make_plan
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR, job_name="paper"):

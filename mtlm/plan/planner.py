@@ -10,10 +10,11 @@ import math
 import sys
 from typing import Any
 
+from mtlm.data.build import build_data
 from mtlm.errors import ConfigError
 from mtlm.metrics import flops
 from mtlm.parallel.state import Grid
-from mtlm.plan import perf, sizing
+from mtlm.plan import perf, probe, sizing
 from mtlm.train.objective import objective_for
 
 GB = 2**30  # GiB, as GPU memory sizes are quoted
@@ -47,7 +48,6 @@ def plan_vocab_size(cfg: Any) -> tuple[int, str]:
             vocab = PAPER_VOCAB[cfg.model.name]
             return vocab, f"the paper's {'GPT-2 BPE' if vocab == GPT2_VOCAB else 'BERT WordPiece'}, no data given"
         return int(cfg.data.vocab_size), "data.vocab_size"
-    from mtlm.data import build_data
 
     return int(build_data(cfg.data, cfg.model.seq_length, cfg.trainer.seed).tokenizer.vocab_size), "the tokenizer's"
 
@@ -55,8 +55,6 @@ def plan_vocab_size(cfg: Any) -> tuple[int, str]:
 def resolve_cluster(cfg: Any) -> dict[str, Any]:
     """The cluster's numbers with every null filled in by this machine's probe (cpu_local), and each one's
     source ("config" or "probe")."""
-    from mtlm.plan import probe
-
     c = cfg.cluster
     out: dict[str, Any] = {"name": c.name, "device": c.device, "nodes": c.nodes, "sources": {}}
 
@@ -86,8 +84,6 @@ def resolve_cluster(cfg: Any) -> dict[str, Any]:
 
 def calibration_eta(cfg: Any, cluster: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """eta, the achievable fraction of peak, from the cluster's one calibration point (a GPT run)."""
-    from mtlm.plan import probe
-
     cal = cfg.cluster.calibration
     rate, source = cal.tflops_per_device, cal.source
     if rate is None:
@@ -254,6 +250,6 @@ def precision_warning(cfg: Any) -> str | None:
     dtype = cfg.precision.dtype
     if dtype == "fp32" or (cfg.trainer.device != "cpu" and torch.cuda.is_available()):
         return None
-    from mtlm.plan.probe import gemm_tflops_per_core
 
-    return slow_precision_line(dtype, {"fp32": gemm_tflops_per_core("fp32"), dtype: gemm_tflops_per_core(dtype)})
+    return slow_precision_line(dtype, {"fp32": probe.gemm_tflops_per_core("fp32"),
+                                       dtype: probe.gemm_tflops_per_core(dtype)})

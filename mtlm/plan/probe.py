@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mtlm.metrics import flops
+from mtlm.parallel.launch import launch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CACHE_FILE = "plan_probe.json"
@@ -110,8 +111,6 @@ def _gloo_worker(env: Any, out_file: str, reps: int) -> None:
 def measure_gloo(reps: int = 20) -> dict:
     """Latency per ring step (us) and bandwidth (GB/s) of gloo between two local processes, from the best of
     `reps` all-reduces at two sizes: t = 2 steps x latency + bytes sent / bandwidth (perf.py's ring model)."""
-    from mtlm.parallel.launch import launch
-
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "gloo.json")
         launch(_gloo_worker, 2, (out, reps))

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtlm.config import model_option
 from mtlm.metrics import memory
+from mtlm.model.build import build_model
 from mtlm.parallel.state import ParallelState
 
 
 def meta_rank_model(model_cfg: Any, vocab_size: int, tensor: int, recompute: bool = False) -> nn.Module:
     """Tensor rank 0 of `tensor` (rank 0 holds the largest vocabulary slice: padding sits at the end)."""
-    from mtlm.model.build import build_model
-
     state = ParallelState(rank=0, world_size=tensor, tensor=tensor, data=1, device=torch.device("meta"))
     return build_model(model_cfg, vocab_size, state, device=torch.device("meta"),
                        activation_checkpointing=recompute)
@@ -48,8 +48,9 @@ def analytic_params_per_rank(model_cfg: Any, padded_vocab: int, tensor: int) -> 
     BLOOM's choices (mtlm/model/gpt.py): no position table under ALiBi, and a second replicated layer norm
     when an embedding norm comes on top of pre-LN's final one (post-LN swaps the final norm for it)."""
     h = model_cfg.hidden_size
-    alibi = model_cfg.get("position_embedding", "learned") == "alibi"
-    extra_norm = bool(model_cfg.get("embedding_layernorm", False)) and model_cfg.get("layernorm_order", "pre") == "pre"
+    alibi = model_option(model_cfg, "position_embedding") == "alibi"
+    pre_ln = model_option(model_cfg, "layernorm_order") == "pre"
+    extra_norm = bool(model_option(model_cfg, "embedding_layernorm")) and pre_ln
     return memory.parameters_per_device(model_cfg.num_layers, h, padded_vocab,
                                         0 if alibi else model_cfg.max_position_embeddings, tensor) + 2 * h * extra_norm
 

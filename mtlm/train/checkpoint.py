@@ -58,7 +58,9 @@ from mtlm.checkpoint.format import (
     step_dirs,
     write_json,
 )
+from mtlm.config import model_option
 from mtlm.data.text_tokenizer import check_same_tokenizer
+from mtlm.model.build import GPT_TARGET, model_target
 from mtlm.parallel import random as rng
 from mtlm.parallel.state import ParallelState
 from mtlm.train.optim_state import read_state, state_slice
@@ -87,11 +89,9 @@ def resume_target(ckpt_cfg: Any) -> Path | None:
 
 def check_compatible(meta: dict, model_cfg: Any, vocab_size: int | None, where: Path) -> None:
     """Same model shape as the run, or one line naming the checkpoint and the first mismatch."""
-    from mtlm.model.build import GPT_TARGET, model_target
-
     # The family and layer-norm order change parameter names; checkpoints before issue 14 are GPT, pre-LN.
     saved = {"_target_": GPT_TARGET, "layernorm_order": "pre", **meta["model"]}
-    wanted = {"_target_": model_target(model_cfg), "layernorm_order": getattr(model_cfg, "layernorm_order", "pre"),
+    wanted = {"_target_": model_target(model_cfg), "layernorm_order": model_option(model_cfg, "layernorm_order"),
               **{k: getattr(model_cfg, k) for k in MODEL_KEYS}}
     if vocab_size is not None:
         wanted["vocab_size"] = vocab_size

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mtlm.data import DataBundle, build_data
+from mtlm.data.bert import build_bert_data
 from mtlm.metrics import flops
 from mtlm.model.build import model_class
 from mtlm.parallel.state import ParallelState
@@ -67,8 +68,6 @@ class MaskedLM:
     KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 
     def build_data(self, data_cfg: Any, seq_length: int, seed: int) -> DataBundle:
-        from mtlm.data.bert import build_bert_data
-
         return build_bert_data(data_cfg, seq_length, seed)
 
     def normaliser(self, rank_batch: dict, seq_length: int, state: ParallelState) -> tuple[float, float]:

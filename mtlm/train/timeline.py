@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlm.checkpoint.format import STEP_DIR, latest_checkpoint, step_dirs, write_json
+from mtlm.rank_env import is_rank_zero
 
 
 def other_timeline(root: Path, start: Path | None) -> list[Path]:
@@ -30,11 +31,6 @@ def other_timeline(root: Path, start: Path | None) -> list[Path]:
     m = STEP_DIR.match(start.name)
     first = int(m.group(1)) if m else -1
     return [p for s, p in dirs if s > first]
-
-
-def _is_first_rank() -> bool:
-    """The launching process, or rank 0 of torchrun / SLURM (every rank runs the check; one deletes)."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def aside_folder(root: Path, found: list[Path]) -> Path:
@@ -52,7 +48,7 @@ def claim_folder(ck: Any, start: Path | None) -> Path | None:
     """Before launch: move another timeline's checkpoints out of this run's way (or delete them on
     checkpoint.overwrite=true). `ck` is the checkpoint config section; `start` the checkpoint this run resumes
     from (None: a fresh run). Returns the folder they were moved to, if any."""
-    if ck is None or not ck.save or not _is_first_rank():
+    if ck is None or not ck.save or not is_rank_zero():  # every rank runs the check; one moves
         return None
     root = Path(ck.dir)
     found = other_timeline(root, start)
