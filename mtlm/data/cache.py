@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -67,3 +68,17 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def content_hash(kind: str, files: Sequence[str], settings: str = "") -> str:
+    """A tokenizer's identity: sha256 over its type, the settings that change its output (WordPiece's
+    lower-casing) and the bytes of each file, in order. Copies of the same files hash the same wherever they
+    lie; another tokenizer of the same size does not (issue 25: a same-size sentencepiece model was accepted
+    and evaluate reported perplexity 17,095 instead of 140)."""
+    h = hashlib.sha256(f"{kind}\0{settings}\0".encode())
+    for path in files:
+        with open(path, "rb") as f:
+            data = f.read()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtlm.data.text_tokenizer import content_hash
+from mtlm.data.cache import content_hash
 from mtlm.errors import DataError
 
 # Names mtlm's sentencepiece models use for special pieces -> BERT's names for the same roles.

@@ -12,12 +12,12 @@ Python API still takes that form (a str, or None to train), the command line say
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from mtlm.data.cache import content_hash as content_hash  # re-exported: it lives below the tokenizers
 from mtlm.data.gpt2_bpe import GPT2BPETokenizer
 from mtlm.data.hf_tokenizers import JsonTokenizer, WordPieceTokenizer, from_entry
 from mtlm.data.tokenizer import Tokenizer
@@ -70,20 +70,6 @@ class TokenizerSpec:
     def identity(self) -> list:
         """What identifies the tokenizer for cache keys, without reading the files: type, paths, sizes, mtimes."""
         return [self.type] + [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.files()]
-
-
-def content_hash(kind: str, files: Sequence[str], settings: str = "") -> str:
-    """A tokenizer's identity: sha256 over its type, the settings that change its output (WordPiece's
-    lower-casing) and the bytes of each file, in order. Copies of the same files hash the same wherever they
-    lie; another tokenizer of the same size does not (issue 25: a same-size sentencepiece model was accepted
-    and evaluate reported perplexity 17,095 instead of 140)."""
-    h = hashlib.sha256(f"{kind}\0{settings}\0".encode())
-    for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
 
 
 def _describe(entry: dict) -> str:

@@ -14,8 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from mtlm.data.cache import atomic_write_bytes
-from mtlm.data.text_tokenizer import content_hash
+from mtlm.data.cache import atomic_write_bytes, content_hash
 from mtlm.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
