@@ -120,3 +120,43 @@ def test_plain_lm_eval_command_finds_mtlm_through_the_hook(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "mtlm.eval.harness", "MtlmLM"]  # no torch until mtlm is asked for
+
+
+# ---- failures are one line (issue 25: a wrong path and an offline task were long tracebacks) ------------------
+
+
+def test_wrong_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    from mtlm.eval.__main__ import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no Hub probe in this process
+    with pytest.raises(SystemExit) as info:
+        main(["--model", "mtlm", "--model_args", f"checkpoint={tmp_path / 'nope'},dtype=fp32", "--tasks", "x"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"checkpoint error: {tmp_path / 'nope'}: no checkpoint there\n"
+
+
+def test_hub_probe_gives_up_quickly(monkeypatch):
+    import time
+
+    from mtlm.eval.__main__ import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1")  # nothing listens on 443 here
+    start = time.monotonic()
+    assert hub_reachable(timeout=2.0) is False and time.monotonic() - start < 3.0
+
+
+@pytest.mark.slow
+def test_a_task_whose_data_is_not_cached_fails_in_one_line_when_offline(lm, tmp_path):
+    """lambada_openai's data is on the Hub. Offline (set here; found by the probe on a machine without network),
+    with an empty datasets cache, it stops at once in one line naming what to do, not after ~40 s of retries."""
+    ckpt = lm[1] / "ckpt"
+    cache = tmp_path / "hf"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache), "HF_DATASETS_CACHE": str(cache / "ds"),
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "mtlm.eval", "--model", "mtlm", "--model_args", f"checkpoint={ckpt}",
+                        "--device", "cpu", "--tasks", "lambada_openai", "--limit", "2"], capture_output=True,
+                       text=True, env=env, timeout=180)
+    assert r.returncode == 2, r.stderr
+    ours = [line for line in r.stderr.splitlines() if not line[:4].isdigit()]  # lm-eval's own dated log lines
+    assert len(ours) == 1 and ours[0].startswith("lm-eval error: a task's data could not be fetched (offline: ")
+    assert "--include_path DIR --tasks NAME" in ours[0] and "Traceback" not in r.stderr
