@@ -19,6 +19,7 @@ import threading
 from urllib.parse import urlparse
 
 from mtlm.errors import ERROR_KINDS, error_kind
+from mtlm.eval.loading import read_checkpoint
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 PROBE_TIMEOUT_S = 3.0
@@ -67,8 +68,6 @@ def _hub_error(err: BaseException) -> bool:
 
 def check_checkpoint(argv: list[str]) -> None:
     """`--model mtlm --model_args checkpoint=DIR,...`: DIR is a complete GPT checkpoint (CheckpointError)."""
-    from mtlm.eval.loading import read_checkpoint
-
     def value(flag: str) -> str | None:
         for i, arg in enumerate(argv):
             if arg == flag and i + 1 < len(argv):
