@@ -3,6 +3,7 @@
     to-hf / from-hf        Hugging Face folders: GPT2LMHeadModel, MegatronBertForPreTraining, BloomForCausalLM
     from-megatron          Megatron-LM's legacy checkpoints (folders or NVIDIA's NGC zips), GPT-2 and BERT
     to-megatron            back to Megatron-LM (version 3.0 layout)
+    from-mcore / to-mcore  Megatron-Core checkpoints (torch_dist: Megatron-LM and NeMo today), GPT
     from-deepspeed         bigscience's Megatron-DeepSpeed BLOOM checkpoints
 
 Every problem with the input is one line, `checkpoint error: ...`, and exit status 2.
@@ -91,6 +92,19 @@ def _from_deepspeed(args: argparse.Namespace) -> Path:
                           open_tokenizer(args))
 
 
+@_guard
+def _from_mcore(args: argparse.Namespace) -> Path:
+    from mtlm.convert.mcore import from_mcore
+
+    return from_mcore(args.src, args.out_dir, args.tensor, open_tokenizer(args))
+
+
+def _to_mcore(args: argparse.Namespace) -> Path:
+    from mtlm.convert.mcore import to_mcore
+
+    return to_mcore(args.checkpoint, args.out_dir)
+
+
 def _to_hf(args: argparse.Namespace) -> Path:
     return to_hf(args.checkpoint, args.out_dir)
 
@@ -136,6 +150,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-attention-heads", type=int, default=None, help="attention heads (not in the files)")
     add_tokenizer_options(p)
     p.set_defaults(run=_from_deepspeed)
+    p = sub.add_parser("from-mcore", help="Megatron-Core checkpoint (torch_dist: Megatron-LM, NeMo), GPT -> mtlm")
+    p.add_argument("src", help="a Megatron-LM checkpoint folder (with latest_checkpointed_iteration.txt) or one "
+                               "iter_*/ folder holding metadata.json, common.pt and .distcp files")
+    p.add_argument("out_dir")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree to write the shards for")
+    add_tokenizer_options(p)
+    p.set_defaults(run=_from_mcore)
+    p = sub.add_parser("to-mcore", help="mtlm GPT checkpoint -> Megatron-Core checkpoint (torch_dist, release/)")
+    p.add_argument("checkpoint", help="a checkpoint folder (its latest) or one step_* folder")
+    p.add_argument("out_dir", help="a new or empty folder")
+    p.set_defaults(run=_to_mcore)
 
 
 def main(argv: list[str] | None = None) -> int:

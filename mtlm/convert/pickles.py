@@ -54,7 +54,7 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _WHY = re.compile(r"WeightsUnpickler error: \s*(\S[^\n]*)")
 
 
-def safe_load(source: str | Path | bytes, name: str | None = None) -> Any:
+def safe_load(source: str | Path | bytes, name: str | None = None, extra: list[Any] | None = None) -> Any:
     """`torch.load` of a file path (or its bytes) that refuses any type outside the allow-list.
 
     Raises UnsafeCheckpointError naming `name` (default: the path) and the refused type, or CheckpointError
@@ -65,7 +65,7 @@ def safe_load(source: str | Path | bytes, name: str | None = None) -> Any:
         raise CheckpointError(f"{label}: reading Megatron-LM pickles safely needs torch >= 2.6 (weights-only "
                               f"allow-lists); this is torch {torch.__version__}")
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with torch.serialization.safe_globals(extra if extra is not None else allowed_globals()):
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = _GLOBAL.search(str(err))
@@ -79,3 +79,68 @@ def safe_load(source: str | Path | bytes, name: str | None = None) -> Any:
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{label}: not a readable torch checkpoint ({msg})") from None
+
+
+# Megatron-LM's `args` (in a torch_dist checkpoint's common.pt) hold a few megatron-core enum members, e.g.
+# attention_backend=AttnBackend.auto. A member pickles as "call the class with its value"; here that call only
+# makes the string "Class.value", so nothing of megatron is imported or run.
+_MEGATRON_ENUMS = {"megatron.core.enums": ("ModelType", "Fp8Recipe", "Fp4Recipe"),
+                   "megatron.core.transformer.enums": ("ModelType", "LayerType", "AttnType", "AttnMaskType",
+                                                       "AttnBackend", "CudaGraphScope")}
+
+
+def _enum_standin(name: str) -> Any:
+    def member(value: Any) -> str:
+        return f"{name}.{value}"
+    return member
+
+
+def common_globals() -> list[Any]:
+    """safe_load's allow-list plus stand-ins for the megatron-core enums Megatron-LM's args hold."""
+    return [*allowed_globals(), *((_enum_standin(n), f"{m}.{n}") for m, names in _MEGATRON_ENUMS.items()
+                                  for n in names)]
+
+
+def load_common(path: str | Path) -> Any:
+    """A Megatron-Core checkpoint's common.pt (args, iteration, ...) through safe_load's allow-list."""
+    return safe_load(path, extra=common_globals())
+
+
+# What torch.distributed.checkpoint's `.metadata` pickle holds (torch's own FileSystemReader unpickles it with
+# no restriction at all): its metadata and save-plan dataclasses, sizes, dtypes and layouts.
+_DCP = "torch.distributed.checkpoint."
+_DCP_ALLOWED = {
+    _DCP + "metadata": {"Metadata", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    _DCP + "planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
+    _DCP + "filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+    "pathlib": {"PosixPath", "PurePosixPath"},  # StorageMeta.checkpoint_id when the saver was given a Path
+}
+
+
+class _DcpUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_ALLOWED.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                     torch.dtype)):
+            return super().find_class(module, name)
+        raise _Refused(f"{module}.{name}")
+
+
+class _Refused(Exception):
+    pass
+
+
+def load_dcp_metadata(path: str | Path) -> Any:
+    """A torch.distributed.checkpoint `.metadata` file, refusing any type outside what such files hold."""
+    try:
+        with open(path, "rb") as f:
+            return _DcpUnpickler(f).load()
+    except _Refused as err:
+        raise UnsafeCheckpointError(f"{path}: refused to load: it asks for {err}, which is not a "
+                                    f"torch.distributed.checkpoint metadata type; nothing from the file was run"
+                                    ) from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a readable torch.distributed.checkpoint .metadata ({err})") from None

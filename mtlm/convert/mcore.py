@@ -1,0 +1,205 @@
+"""Megatron-Core checkpoints (Megatron-LM / NeMo today, `--ckpt-format torch_dist`) <-> mtlm, GPT models.
+
+    python -m mtlm.convert from-mcore CKPT_DIR checkpoints/mine [--tensor N] [--vocab-file ... --merge-file ...]
+    python -m mtlm.convert to-mcore checkpoints/mine megatron/mine
+
+A torch_dist checkpoint is a torch.distributed.checkpoint folder (`.metadata`, `__R_I.distcp` files) with
+Megatron's `metadata.json` ({"sharded_backend": "torch_dist", ...}) and `common.pt` (args, iteration); a
+Megatron-LM run folder holds `latest_checkpointed_iteration.txt` and `iter_NNNNNNN/` folders. Its tensors are
+stored whole (global shapes), whatever tensor and pipeline degrees saved them: torch.distributed.checkpoint
+joins the shards, and the layers are one stacked tensor per parameter (mtlm/convert/mcore_names.py).
+The pickles (`.metadata`, `common.pt`) are read through allow-lists (mtlm/convert/pickles.py); tensors are
+read with torch's weights-only loader, and nothing else (optimizer state, RNG objects) is read at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from mtlm.checkpoint.format import PADDED_VOCAB, CheckpointError
+from mtlm.convert.mcore_names import GLOBAL, LAYER, OUTPUT_LAYER, mtlm_name
+from mtlm.convert.megatron import GPT_TARGET, _activation, _check_args, _real_vocab
+from mtlm.convert.megatron_export import megatron_args
+from mtlm.convert.megatron_files import TRACKER
+from mtlm.convert.pickles import load_common, load_dcp_metadata
+from mtlm.convert.writer import read_checkpoint, tokenizer_metadata, write_checkpoint
+from mtlm.parallel.layers import pad_vocab_size
+
+CONFIG = "metadata.json"
+BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+           "common_backend_version": 1}
+_STACKED = "decoder.layers."
+
+
+class _SafeReader(FileSystemReader):
+    """torch's folder reader, its `.metadata` pickle read through the allow-list instead of pickle.load."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        return load_dcp_metadata(Path(self.path) / ".metadata")
+
+
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """torch.distributed.checkpoint in this one process: without its warning that no process group is set up."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def checkpoint_dir(src: str | Path) -> Path:
+    """The torch_dist folder SRC names: itself, or the iteration its run folder's tracker names."""
+    src = Path(src)
+    if (src / TRACKER).is_file():
+        tracker = (src / TRACKER).read_text(encoding="utf-8").strip()
+        src = src / ("release" if tracker == "release" else f"iter_{int(tracker):07d}") \
+            if tracker == "release" or tracker.isdigit() else src
+    if not (src / CONFIG).is_file():
+        raise CheckpointError(f"{src}: no {CONFIG}: not a Megatron-Core (torch_dist) checkpoint folder")
+    backend = json.loads((src / CONFIG).read_text(encoding="utf-8")).get("sharded_backend")
+    if backend != "torch_dist":
+        raise CheckpointError(f"{src / CONFIG}: sharded_backend {backend!r}; mtlm reads 'torch_dist' (Megatron-LM "
+                              "--ckpt-format torch_dist, its default)")
+    return src
+
+
+def read_mcore(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model tensors by megatron-core key, whole and unstacked per layer, common.pt's dict)."""
+    common = load_common(folder / "common.pt") if (folder / "common.pt").is_file() else {}
+    metadata = load_dcp_metadata(folder / ".metadata")
+    wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
+              if isinstance(m, TensorStorageMetadata) and k.removeprefix("model.").split(".")[0] in
+              ("embedding", "decoder", "output_layer")}
+    if not wanted:
+        raise CheckpointError(f"{folder}: no embedding.* / decoder.* tensors: not a Megatron-Core GPT checkpoint "
+                              "(mtlm imports GPT models from Megatron-Core checkpoints)")
+    with _one_process():
+        dcp.load(wanted, storage_reader=_SafeReader(folder), no_dist=True)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in wanted.items():
+        key = key.removeprefix("model.")
+        if key.startswith(_STACKED) and not key[len(_STACKED)].isdigit():  # stacked: [layers, ...]
+            for i, layer in enumerate(value.unbind(0)):
+                out[f"{_STACKED}{i}.{key[len(_STACKED):]}"] = layer.clone()
+        else:
+            out[key] = value
+    return out, common if isinstance(common, dict) else {}
+
+
+def _to_mtlm(tensors: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+    full, unknown = {}, []
+    output = tensors.pop(OUTPUT_LAYER, None)
+    for key, value in tensors.items():
+        name = mtlm_name(key)
+        if name is None:
+            unknown.append(key)
+        else:
+            full[name] = value
+    if unknown:
+        raise CheckpointError(f"{label}: {unknown[0]} (and {len(unknown) - 1} more) has no place in mtlm's GPT "
+                              "(pre-LN, learned positions, GeLU MLP, biases)")
+    if output is not None and not torch.equal(output, full.get("wte.weight", output)):
+        raise CheckpointError(f"{label}: an untied output layer (--untie-embeddings-and-output-weights): mtlm's "
+                              "GPT ties its output layer to the word embeddings")
+    return full
+
+
+def _model_section(full: dict[str, torch.Tensor], args: Any, name: str) -> dict:
+    """mtlm's model section: shapes from the tensors, the rest from Megatron-LM's args."""
+    heads = getattr(args, "num_attention_heads", None)
+    if heads is None:
+        raise CheckpointError(f"{name}: common.pt has no args.num_attention_heads: the heads are unknown")
+    positions = full["wpe.weight"].shape[0]
+    return {
+        "_target_": GPT_TARGET, "name": name,
+        "num_layers": 1 + max(int(n.split(".")[1]) for n in full if n.startswith("blocks.")),
+        "hidden_size": full["wte.weight"].shape[1], "num_attention_heads": heads,
+        "seq_length": min(getattr(args, "seq_length", None) or positions, positions),
+        "max_position_embeddings": positions, "vocab_size": full["wte.weight"].shape[0],
+        "make_vocab_size_divisible_by": getattr(args, "make_vocab_size_divisible_by", None) or 128,
+        "dropout": getattr(args, "hidden_dropout", 0.1), "init_std": getattr(args, "init_method_std", 0.02),
+        "layernorm_eps": getattr(args, "layernorm_epsilon", 1e-5), "activation": _activation(args),
+        "layernorm_order": "pre",
+    }
+
+
+def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:
+    """Import a Megatron-Core torch_dist GPT checkpoint (any saved tensor / pipeline degree) at `tensor`."""
+    folder = checkpoint_dir(src)
+    label = str(folder)
+    tensors, common = read_mcore(folder)
+    args = common.get("args")
+    if args is None:
+        raise CheckpointError(f"{folder / 'common.pt'}: no args: the model's shape is unknown")
+    _check_args(args, label)
+    full = _to_mtlm(tensors, label)
+    for needed in ("wte.weight", "wpe.weight", "ln_f.weight"):
+        if needed not in full:
+            raise CheckpointError(f"{label}: no {needed} tensor (mtlm needs learned positions and a final norm)")
+    model = _model_section(full, args, Path(out_dir).name)
+    rows = model["vocab_size"]
+    saved_tensor = getattr(args, "tensor_model_parallel_size", 1) or 1
+    extra = tokenizer_metadata(tokenizer, rows, label, model["make_vocab_size_divisible_by"], saved_tensor)
+    vocab = _real_vocab(rows, saved_tensor, model["make_vocab_size_divisible_by"], tokenizer, args, label)
+    for name in PADDED_VOCAB:
+        if name in full:
+            full[name] = full[name][:vocab]
+    model["vocab_size"] = vocab
+    source = {"megatron_core": str(folder.resolve()), "iteration": common.get("iteration"),
+              "tensor": saved_tensor, "pipeline": getattr(args, "pipeline_model_parallel_size", 1)}
+    return write_checkpoint(out_dir, model, full, tensor, source, extra)
+
+
+def _extra_state(keys: list[str], layers: int) -> dict[str, list]:
+    """megatron-core's per-layer `_extra_state` objects (None without Transformer Engine / FP8), which its
+    loader expects beside the weights, keyed `<name>/shard_<layer>_<layers>`; each is saved as megatron-core
+    saves it, a list of that key's objects (torch.distributed.checkpoint torch.save's non-tensor values)."""
+    return {f"{key}/shard_{i}_{layers}": [None] for key in keys for i in range(layers)}
+
+
+def to_mcore(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write an mtlm GPT checkpoint as a Megatron-Core torch_dist checkpoint (`release`, tied output layer)."""
+    meta, full = read_checkpoint(checkpoint)
+    model = meta["model"]
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: not empty; to-mcore writes into a new or empty folder")
+    if model.get("_target_", GPT_TARGET) != GPT_TARGET or model.get("layernorm_order", "pre") != "pre" or \
+            model.get("position_embedding", "learned") != "learned" or model.get("embedding_layernorm"):
+        raise CheckpointError(f"{checkpoint}: to-mcore writes pre-LN GPT models with learned positions")
+    padded = pad_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], 1)
+    for name in PADDED_VOCAB:
+        if name in full:
+            v = full[name]
+            full[name] = torch.cat([v, v.new_zeros(padded - v.shape[0], *v.shape[1:])])
+    layers = model["num_layers"]
+    state: dict[str, Any] = {GLOBAL[n]: full[n] for n in GLOBAL}
+    for ours, (_, dist_name) in LAYER.items():  # stacked over layers, TE names for the norms (as saved)
+        state[_STACKED + dist_name] = torch.stack([full[f"blocks.{i}.{ours}"] for i in range(layers)])
+    modules = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+    state.update(_extra_state([f"{_STACKED}{m}._extra_state" for m in modules], layers))
+    folder = out / "release"
+    folder.mkdir(parents=True)
+    # Flat keys already: no planner_data (megatron-core's loader would unflatten its objects by it and miss them).
+    with _one_process():
+        dcp.save(state, storage_writer=FileSystemWriter(str(folder)), no_dist=True,
+                 planner=DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
+    args = megatron_args(model, 1, padded, meta.get("tokenizer"))
+    for key, value in {"position_embedding_type": "learned_absolute", "normalization": "LayerNorm",
+                       "untie_embeddings_and_output_weights": False, "add_bias_linear": True, "swiglu": False,
+                       "group_query_attention": False, "ckpt_format": "torch_dist"}.items():
+        setattr(args, key, value)
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": meta["step"]}, folder / "common.pt")
+    (folder / CONFIG).write_text(json.dumps(BACKEND), encoding="utf-8")
+    (out / TRACKER).write_text("release\n", encoding="utf-8")
+    return out
+

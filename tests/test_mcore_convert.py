@@ -1,0 +1,139 @@
+"""Megatron-Core torch_dist checkpoints both ways, with megatron-core itself on the other side:
+megatron-core saves -> from-mcore -> mtlm's logits equal megatron-core's; mtlm -> to-mcore -> megatron-core's
+own dist_checkpointing.load -> logits equal; pickles that would run code are refused before they run."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from megatron.core import dist_checkpointing  # noqa: E402,I001  (present: the import above did not skip)
+
+from mtlm import load_model
+from mtlm.checkpoint.format import read_metadata
+from mtlm.convert import main
+from mtlm.convert.writer import write_checkpoint
+from tests.mcore_cpu import mcore_gpt, mcore_world  # skips the module when megatron-core is absent
+from tests.test_mcore_parity import HEADS, HIDDEN, LAYERS, POSITIONS, random_mtlm_gpt
+
+REAL_VOCAB, PADDED = 300, 384  # Megatron pads 300 to a multiple of 128
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, REAL_VOCAB, (2, POSITIONS), generator=torch.Generator().manual_seed(1))
+
+
+def _args(**kw) -> argparse.Namespace:
+    """The args Megatron-LM keeps in common.pt (the ones the importer reads, and a few it must ignore)."""
+    base = dict(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=4 * HIDDEN,
+                max_position_embeddings=POSITIONS, seq_length=POSITIONS, padded_vocab_size=PADDED,
+                vocab_size=REAL_VOCAB, make_vocab_size_divisible_by=128, tensor_model_parallel_size=1,
+                pipeline_model_parallel_size=1, layernorm_epsilon=1e-5, bias_gelu_fusion=True, openai_gelu=False,
+                hidden_dropout=0.0, params_dtype=torch.float32, position_embedding_type="learned_absolute",
+                ckpt_format="torch_dist", lr=3e-4)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.5) + (p.dim() == 1) * 0.2)
+
+
+def _mcore_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, torch.arange(ids.shape[1]).expand(ids.shape[0], -1), None)
+
+
+def _close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert theirs.std() > 1.0
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_megatron_core_save_imports_to_its_logits(monkeypatch, tmp_path: Path, fusion: bool) -> None:
+    root = tmp_path / "run"
+    with mcore_world(monkeypatch):
+        # bias_gelu_fusion: Megatron-LM's fused bias-GeLU is the tanh one; without it megatron-core runs F.gelu.
+        theirs = mcore_gpt(LAYERS, HIDDEN, HEADS, PADDED, POSITIONS, activation="gelu_tanh" if fusion else "gelu")
+        _randomise(theirs)
+        with torch.no_grad():  # Megatron's padding rows: whatever training left there (never a real token)
+            theirs.embedding.word_embeddings.weight[REAL_VOCAB:] = 0
+        (root / "iter_0000007").mkdir(parents=True)
+        dist_checkpointing.save({"model": theirs.sharded_state_dict(), "args": _args(bias_gelu_fusion=fusion),
+                                 "checkpoint_version": 3.0, "iteration": 7}, str(root / "iter_0000007"))
+        (root / "latest_checkpointed_iteration.txt").write_text("7")
+        expected = _mcore_logits(theirs, _ids())[..., :REAL_VOCAB]
+    assert main(["from-mcore", str(root), str(tmp_path / "ck"), "--tensor", "2"]) == 0
+    meta = read_metadata(tmp_path / "ck" / "step_00000000")
+    assert meta["model"]["vocab_size"] == REAL_VOCAB and meta["layout"]["tensor"] == 2
+    assert meta["model"]["activation"] == ("gelu_tanh" if fusion else "gelu")
+    assert meta["source"]["iteration"] == 7
+    _close(load_model(tmp_path / "ck")(_ids())[..., :REAL_VOCAB], expected)
+
+
+def test_to_mcore_is_loaded_by_megatron_core(monkeypatch, tmp_path: Path) -> None:
+    ours = random_mtlm_gpt("gelu_tanh", 1e-5, seed=4)
+    model = {"_target_": "mtlm.model.gpt.GPT", "name": "t", "num_layers": LAYERS, "hidden_size": HIDDEN,
+             "num_attention_heads": HEADS, "seq_length": POSITIONS, "max_position_embeddings": POSITIONS,
+             "vocab_size": 384, "make_vocab_size_divisible_by": 128, "dropout": 0.0, "init_std": 0.02,
+             "layernorm_eps": 1e-5, "activation": "gelu_tanh", "layernorm_order": "pre"}
+    write_checkpoint(tmp_path / "ck", model, {n: p.detach() for n, p in ours.named_parameters()}, 2, {"test": "t"})
+    assert main(["to-mcore", str(tmp_path / "ck"), str(tmp_path / "mc")]) == 0
+    with mcore_world(monkeypatch):
+        theirs = mcore_gpt(LAYERS, HIDDEN, HEADS, 384, POSITIONS)
+        # megatron-core reads common.pt weights-only; Megatron-LM allows Namespace at start-up (its safe_globals).
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = dist_checkpointing.load({"model": theirs.sharded_state_dict()}, str(tmp_path / "mc" / "release"))
+            common = dist_checkpointing.load_common_state_dict(str(tmp_path / "mc" / "release"))
+        missing, unexpected = theirs.load_state_dict(loaded["model"], strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
+        logits = _mcore_logits(theirs, _ids())
+    assert common["args"].num_attention_heads == HEADS and common["args"].padded_vocab_size == 384
+    with torch.no_grad():
+        _close(ours(_ids()), logits)
+    assert main(["from-mcore", str(tmp_path / "mc"), str(tmp_path / "back")]) == 0  # and back, exactly
+    assert torch.equal(load_model(tmp_path / "back")(_ids()), load_model(tmp_path / "ck")(_ids()))
+
+
+class _Payload:
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickles_that_run_code_are_refused(monkeypatch, tmp_path: Path, capsys) -> None:
+    ours = random_mtlm_gpt("gelu_tanh", 1e-5)
+    model = {"_target_": "mtlm.model.gpt.GPT", "name": "t", "num_layers": LAYERS, "hidden_size": HIDDEN,
+             "num_attention_heads": HEADS, "seq_length": POSITIONS, "max_position_embeddings": POSITIONS,
+             "vocab_size": 384, "make_vocab_size_divisible_by": 128, "dropout": 0.0, "init_std": 0.02,
+             "layernorm_eps": 1e-5, "activation": "gelu_tanh", "layernorm_order": "pre"}
+    write_checkpoint(tmp_path / "ck", model, {n: p.detach() for n, p in ours.named_parameters()}, 1, {"test": "t"})
+    _Payload.marker = tmp_path / "pwned"
+    for target in (".metadata", "common.pt"):
+        out = tmp_path / f"mc_{target}"
+        assert main(["to-mcore", str(tmp_path / "ck"), str(out)]) == 0
+        file = out / "release" / target
+        if target == ".metadata":
+            file.write_bytes(pickle.dumps(_Payload()))
+        else:
+            torch.save({"args": _Payload()}, file)
+        assert main(["from-mcore", str(out), str(tmp_path / f"x{target}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("checkpoint error:") and "refused to load" in err and "\n" not in err
+        assert str(file) in err and not _Payload.marker.exists()
+
+
+def test_untied_output_layer_is_refused(monkeypatch, tmp_path: Path, capsys) -> None:
+    with mcore_world(monkeypatch):
+        theirs = mcore_gpt(LAYERS, HIDDEN, HEADS, PADDED, POSITIONS, tied=False)
+        _randomise(theirs)
+        dist_checkpointing.save({"model": theirs.sharded_state_dict(), "args": _args(), "iteration": 1},
+                                str(tmp_path))
+    assert main(["from-mcore", str(tmp_path), str(tmp_path / "ck")]) == 2
+    assert "untied output layer" in capsys.readouterr().err
