@@ -7,7 +7,10 @@ and asks the planner for its precision warning, both above mtlm.train."""
 from __future__ import annotations
 
 import functools
+import json
+import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +21,7 @@ from mtlm.checkpoint.format import METADATA
 from mtlm.checks import validate
 from mtlm.data.build import build_data, prepare_data
 from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
+from mtlm.parallel import preempt
 from mtlm.parallel.launch import RankEnv, backend_for, launch, rank_device, threads_per_rank
 from mtlm.parallel.state import Grid, ParallelState
 from mtlm.plan.planner import precision_warning
@@ -29,6 +33,7 @@ from mtlm.train.writer_lock import WriterLock
 
 
 def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
+    preempt.install()  # a spawned rank: record SIGTERM / SIGUSR1, stop after the step (parallel/preempt.py)
     cfg = OmegaConf.create(cfg_dict)
     torch.set_num_threads(threads_per_rank(env.local_world_size, cfg.trainer.num_threads))
     device = rank_device(cfg.trainer.device, env.local_rank, env.local_world_size)
@@ -75,9 +80,11 @@ def _run(cfg: DictConfig, out_dir: str | None, held: list[WriterLock]) -> None:
         print(line, file=sys.stderr, flush=True)  # e.g. bf16 on a CPU without native bf16 (issue 11)
     cfg_dict: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # picklable for spawned ranks
     cfg_dict["checkpoint"]["resume"] = resume  # resolved once here, so every rank and restart agrees
+    previous = preempt.install()  # ranks in this process (one rank, torchrun, SLURM) stop cleanly on a signal
     try:
         launch(_worker, Grid.of(cfg.parallel).world, (cfg_dict, out_dir), cfg.trainer.max_restarts,
                _restarter(cfg_dict, out_dir), device=cfg.trainer.device)
+        sig = _stopped_by(out_dir)
     except (CheckpointError, mp.ProcessRaisedException) as err:
         # A checkpoint that passed the checks above but fails to read inside a rank: still one line.
         line = str(err).strip().splitlines()[-1]
@@ -90,8 +97,27 @@ def _run(cfg: DictConfig, out_dir: str | None, held: list[WriterLock]) -> None:
     except BaseException as err:  # summary.json says why, whichever rank failed and however early
         record_failure(out_dir, error_line(err))
         raise
+    finally:
+        preempt.restore(previous)
+        preempt.reset()
     if out_dir is not None:  # the last line: where the run went (Hydra's dir), its numbers, its checkpoint
         print(final_line(out_dir, cfg_dict["checkpoint"]), flush=True)
+    if sig:  # stopped early by a signal, checkpoint saved: not a success, and maybe a SLURM requeue
+        if is_rank_zero() and (line := preempt.requeue_slurm_job(sig)):
+            print(line, file=sys.stderr, flush=True)
+        sys.exit(preempt.exit_status(sig))
+
+
+def _stopped_by(out_dir: str | None) -> int:
+    """The stop signal that ended the run before its last step, or 0: known in this process when the ranks
+    ran here, else from rank 0's summary.json (ranks we spawned)."""
+    if preempt.stopped_step() is not None:
+        return preempt.received()
+    try:
+        name = json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8")).get("stopped_by")
+    except (TypeError, OSError, ValueError):
+        return 0
+    return int(signal.Signals[name]) if name in signal.Signals.__members__ else 0
 
 
 def _checkpoint_id(directory: str) -> tuple[str, int] | None:

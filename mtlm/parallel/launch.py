@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from mtlm.parallel import preempt
+
 # What torchrun / SLURM told this process lives in the torch-free mtlm/rank_env.py; its names are re-exported.
 from mtlm.rank_env import RankEnv as RankEnv
 from mtlm.rank_env import detect_rank_env as detect_rank_env
@@ -84,7 +86,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), max_restar
             _spawn_and_join(fn, world_size, args)
             return
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
-            if attempt == max_restarts:
+            if attempt == max_restarts or preempt.received():  # told to stop: no restart
                 raise
             args = on_restart(attempt + 1, err) if on_restart is not None else args
 
@@ -92,11 +94,15 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), max_restar
 def _spawn_and_join(fn: Callable[..., Any], world_size: int, args: tuple) -> None:
     ctx = mp.start_processes(_spawned_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
                              join=False, start_method="spawn")
+    # SIGTERM / SIGUSR1 to this process goes on to every rank, which finishes its step and saves (preempt.py).
+    previous = preempt.install(lambda: [p.pid for p in ctx.processes if p.is_alive()])
     try:
         while not ctx.join():
             pass
     except mp.ProcessRaisedException as err:
         raise _root_cause(ctx, err) from None
+    finally:
+        preempt.restore(previous)
 
 
 def _root_cause(ctx: mp.ProcessContext, err: mp.ProcessRaisedException) -> mp.ProcessRaisedException:

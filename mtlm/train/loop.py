@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from mtlm.metrics.flops import peak_tflops
 from mtlm.metrics.memory import SavedActivations, gradient_bytes, optimizer_state_bytes, parameter_bytes
 from mtlm.metrics.sinks import MetricsLogger, build_logger
 from mtlm.model.build import build_model
+from mtlm.parallel import preempt
 from mtlm.parallel.random import seed_streams
 from mtlm.parallel.sequence_grads import sum_sequence_parallel_grads_
 from mtlm.parallel.state import ParallelState
@@ -95,6 +97,7 @@ class Trainer:
         self.flops_per_step, self.hardware_flops_per_step = self.objective.flops(
             cfg.model, t.global_batch_size, self.model.padded_vocab_size, recompute=t.activation_checkpointing)
         self.step = 0
+        self.stopped_by: str | None = None  # the stop signal's name, when one ended the run early
         self.consumed_samples = 0  # the data position: a global sample count, so the data degree may change
         self.memory: dict[str, int] | None = None  # bytes per part, counted on this process's first step
         self.logger: MetricsLogger | None = None
@@ -163,6 +166,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
         timed_steps, timed_s = 0, 0.0
+        all_steps, all_s = 0, 0.0  # warm-up included: the timing of a run stopped (signal) before warm-up ended
         first = self.step  # > 0 when resumed: the warm-up steps count from here
         val = self.evaluate()
         if self.step == 0:  # a resumed run already logged its steps so far
@@ -174,6 +178,7 @@ class Trainer:
             metrics = self.train_step()
             _sync(self.state.device)
             elapsed = time.perf_counter() - start
+            all_steps, all_s = all_steps + 1, all_s + elapsed
             if self.step - first > t.timing_warmup_steps or t.max_steps - first <= t.timing_warmup_steps:
                 timed_steps, timed_s = timed_steps + 1, timed_s + elapsed
             metrics["tokens_per_s"] = self.tokens_per_step / elapsed
@@ -190,7 +195,25 @@ class Trainer:
                 self._log(self.step, metrics)
             if ckpt.should_save(self.cfg, self.step):
                 ckpt.save_trainer(self)
-        return self._summary(metrics, val, timed_steps, timed_s)
+            # A stop signal (SIGTERM, SLURM's SIGUSR1 warning) on any rank: all stop after this step, saved.
+            if (sig := preempt.agree(self.state.world_size, self.state.device)) and self.step < t.max_steps:
+                self._stop(sig)
+                break
+        summary = self._summary(metrics, val, timed_steps, timed_s) if timed_steps or not all_steps else \
+            {**self._summary(metrics, val, all_steps, all_s), "timed_steps": 0}
+        if self.stopped_by is not None:
+            summary["stopped_by"] = self.stopped_by
+        return summary
+
+    def _stop(self, sig: int) -> None:
+        self.stopped_by = signal.Signals(sig).name
+        ck = self.cfg.get("checkpoint")
+        if ck is not None and ck.save and not ckpt.should_save(self.cfg, self.step):
+            ckpt.save_trainer(self)
+        preempt.mark_stopped(self.step)
+        if self.state.is_main:
+            print(f"{self.stopped_by}: every rank finished step {self.step}"
+                  f"{', checkpoint saved' if ck is not None and ck.save else ''}; stopping", flush=True)
 
     def _summary(self, metrics: dict, val: dict[str, float], timed_steps: int, timed_s: float) -> dict[str, Any]:
         c = self.cfg
