@@ -19,7 +19,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtlm.errors import ConfigError
-from mtlm.eval.app import BAD_INPUT, check_heads, check_overrides, exit_bad_input, rank_model
+from mtlm.eval.app import (
+    BAD_INPUT,
+    check_heads,
+    check_overrides,
+    exit_bad_input,
+    rank_model,
+    remove_unused_run_dir,
+)
 from mtlm.eval.config import EvaluateConfig, register_eval_configs, validate_evaluate
 from mtlm.eval.loading import autocast, load_tokenizer, read_checkpoint
 from mtlm.eval.tasks import evaluate_lambada, evaluate_wikitext, prepare
@@ -86,9 +93,13 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
         validate_evaluate(cfg, env_world_size())
         job = prepare_job(cfg)
     except BAD_INPUT as err:
-        exit_bad_input(err)
+        exit_bad_input(err, out_dir)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    launch(_worker, cfg.parallel.tensor, (cfg_dict, job, out_dir))
+    try:
+        launch(_worker, cfg.parallel.tensor, (cfg_dict, job, out_dir))
+    except BaseException:
+        remove_unused_run_dir(out_dir)  # a rank failed before writing any result
+        raise
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

@@ -21,7 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlm.data.text_tokenizer import tokenizer_from_entry
 from mtlm.errors import ConfigError
-from mtlm.eval.app import BAD_INPUT, check_heads, check_overrides, exit_bad_input, rank_model
+from mtlm.eval.app import (
+    BAD_INPUT,
+    check_heads,
+    check_overrides,
+    exit_bad_input,
+    rank_model,
+    remove_unused_run_dir,
+)
 from mtlm.eval.config import GenerateConfig, register_eval_configs, validate_generate
 from mtlm.eval.generation import Sampling, generate
 from mtlm.eval.loading import autocast, load_tokenizer, read_checkpoint
@@ -46,9 +53,11 @@ def _worker(env: RankEnv, cfg_dict: dict, job: dict, out_dir: str | None) -> Non
                 print(prompt + rows[-1]["completion"] + "\n" + "-" * 40, flush=True)
         if state.is_main and out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "generations.jsonl"), "w", encoding="utf-8") as f:
+            path = os.path.join(out_dir, "generations.jsonl")
+            with open(path, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
+            print(f"wrote {path}", flush=True)  # as mtlm.evaluate says where eval.json went
 
 
 def prepare_job(cfg: Any) -> dict[str, Any]:
@@ -82,8 +91,12 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
         validate_generate(cfg, env_world_size())
         job = prepare_job(cfg)
     except BAD_INPUT as err:
-        exit_bad_input(err)
-    launch(_worker, cfg.parallel.tensor, (OmegaConf.to_container(cfg, resolve=True), job, out_dir))
+        exit_bad_input(err, out_dir)
+    try:
+        launch(_worker, cfg.parallel.tensor, (OmegaConf.to_container(cfg, resolve=True), job, out_dir))
+    except BaseException:
+        remove_unused_run_dir(out_dir)  # a rank failed before writing any result
+        raise
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")

@@ -160,3 +160,32 @@ def test_a_task_whose_data_is_not_cached_fails_in_one_line_when_offline(lm, tmp_
     ours = [line for line in r.stderr.splitlines() if not line[:4].isdigit()]  # lm-eval's own dated log lines
     assert len(ours) == 1 and ours[0].startswith("lm-eval error: a task's data could not be fetched (offline: ")
     assert "--include_path DIR --tasks NAME" in ours[0] and "Traceback" not in r.stderr
+
+
+def test_docs_local_task_file_runs(lm, tmp_path, monkeypatch):
+    """docs/evaluation.md's local task file, as written there, runs offline with the command written there."""
+    import re
+    from pathlib import Path
+
+    import lm_eval.evaluator
+    from lm_eval.tasks import TaskManager
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    task_yaml = re.search(r"```yaml\n(# (\S+);.*?)```", page, re.S)
+    command = re.search(r"^python -m mtlm\.eval .*--include_path (\S+) --tasks (\S+)$", page, re.M)
+    assert task_yaml and command
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yaml_path = tmp_path / task_yaml.group(2)
+    yaml_path.parent.mkdir(parents=True)
+    yaml_path.write_text(task_yaml.group(1), encoding="utf-8")
+    assert yaml_path.parent.name == command.group(1)
+    data = re.search(r"test: (\S+)", task_yaml.group(1)).group(1)
+    (tmp_path / data).write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+    tasks = TaskManager(include_path=command.group(1), include_defaults=False)
+    model, _ = lm
+    out = lm_eval.simple_evaluate(model=model, tasks=[command.group(2)], task_manager=tasks, bootstrap_iters=0)
+    ll = model.loglikelihood([_req("loglikelihood", (d["context"], d["continuation"])) for d in DOCS])
+    assert out["results"][command.group(2)]["acc,none"] == pytest.approx(sum(g for _, g in ll) / len(DOCS))

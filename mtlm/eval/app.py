@@ -4,7 +4,10 @@ torchrun / SLURM, one-line exits for bad input, and a rank's process setup (as t
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +23,10 @@ from mtlm.parallel.state import ParallelState
 from mtlm.rank_env import is_rank_zero
 
 BAD_INPUT = (ConfigError, DataError, CheckpointError)
+# When this process started (before Hydra made the run's folder), less a second for coarse file timestamps.
+STARTED = time.time() - 1.0
+# What Hydra itself writes into a run folder: its configs and the job's log.
+HYDRA_FILES = (".hydra", "evaluate.log", "generate.log")
 
 
 def check_overrides(config_name: str, check: Callable[[Any, int | None], None], schema: Any) -> None:
@@ -37,8 +44,32 @@ def check_overrides(config_name: str, check: Callable[[Any, int | None], None], 
                      "hydra/hydra_logging=disabled"]
 
 
-def exit_bad_input(err: Exception) -> None:
+def remove_unused_run_dir(out_dir: str | None) -> None:
+    """A run that failed before writing anything leaves no folder behind (issue 25: outputs/... stayed, empty):
+    `out_dir` is removed when it holds only Hydra's own files, all written by this process, and so are the
+    folders above it that it leaves empty and that changed during this run (Hydra made them for it), up to the
+    launch dir. A folder holding anything else is left alone."""
+    if out_dir is None or not os.path.isdir(out_dir):
+        return
+    entries = os.listdir(out_dir)
+    if any(e not in HYDRA_FILES or os.stat(os.path.join(out_dir, e)).st_mtime < STARTED for e in entries):
+        return
+    if os.stat(out_dir).st_mtime < STARTED:
+        return
+    folder, stop = os.path.abspath(out_dir), os.getcwd()
+    while True:
+        parent = os.path.dirname(folder)
+        parent_changed = os.stat(parent).st_mtime >= STARTED
+        shutil.rmtree(folder) if folder == os.path.abspath(out_dir) else os.rmdir(folder)
+        if parent == stop or not parent.startswith(stop + os.sep) or os.listdir(parent) or not parent_changed:
+            return
+        folder = parent
+
+
+def exit_bad_input(err: Exception, out_dir: str | None = None) -> None:
+    """One line and exit status 2; the run's output folder, still empty, is removed."""
     kind = error_kind(err)
+    remove_unused_run_dir(out_dir)
     print(f"{kind} error: {err}", file=sys.stderr)
     sys.exit(2)
 
