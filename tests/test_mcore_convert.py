@@ -5,12 +5,14 @@ own dist_checkpointing.load -> logits equal; pickles that would run code are ref
 from __future__ import annotations
 
 import argparse
+import io
 import pickle
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from megatron.core import dist_checkpointing  # noqa: E402,I001  (present: the import above did not skip)
+import yaml
 
 from mtlm import load_model
 from mtlm.checkpoint.format import read_metadata
@@ -18,6 +20,8 @@ from mtlm.convert import main
 from mtlm.convert.writer import write_checkpoint
 from tests.mcore_cpu import mcore_gpt, mcore_world  # skips the module when megatron-core is absent
 from tests.test_mcore_parity import HEADS, HIDDEN, LAYERS, POSITIONS, random_mtlm_gpt
+
+dist_checkpointing = pytest.importorskip("megatron.core.dist_checkpointing")
 
 REAL_VOCAB, PADDED = 300, 384  # Megatron pads 300 to a multiple of 128
 
@@ -137,3 +141,82 @@ def test_untied_output_layer_is_refused(monkeypatch, tmp_path: Path, capsys) -> 
                                 str(tmp_path))
     assert main(["from-mcore", str(tmp_path), str(tmp_path / "ck")]) == 2
     assert "untied output layer" in capsys.readouterr().err
+
+
+def _nemo_config(**kw) -> str:
+    cfg = dict(num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=4 * HIDDEN, num_attention_heads=HEADS,
+               max_position_embeddings=POSITIONS, encoder_seq_length=POSITIONS, layernorm_epsilon=1e-5,
+               normalization="layernorm", activation="gelu", bias_activation_fusion=True, bias=True,
+               position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True,
+               make_vocab_size_divisible_by=128, tensor_model_parallel_size=1, precision="bf16-mixed",
+               tokenizer={"library": "megatron", "type": "GPT2BPETokenizer"})
+    return yaml.safe_dump({**cfg, **kw})
+
+
+def _tar(path: Path, folder: Path, extra: list[tarfile.TarInfo] = ()) -> Path:
+    with tarfile.open(path, "w") as tar:
+        tar.add(folder, arcname=".")
+        for info in extra:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return path
+
+
+def test_nemo_archive_imports_to_megatron_core_logits(monkeypatch, tmp_path: Path) -> None:
+    packed = tmp_path / "packed"
+    with mcore_world(monkeypatch):
+        theirs = mcore_gpt(LAYERS, HIDDEN, HEADS, PADDED, POSITIONS)
+        _randomise(theirs)
+        (packed / "model_weights").mkdir(parents=True)
+        # NeMo's keys carry its `model.` prefix; its common.pt has no Megatron-LM args.
+        dist_checkpointing.save(theirs.sharded_state_dict(prefix="model."), str(packed / "model_weights"))
+        expected = _mcore_logits(theirs, _ids())[..., :REAL_VOCAB]
+    (packed / "model_config.yaml").write_text(_nemo_config())
+    nemo = _tar(tmp_path / "gpt.nemo", packed)
+    assert main(["from-nemo", str(nemo), str(tmp_path / "ck")]) == 0
+    meta = read_metadata(tmp_path / "ck" / "step_00000000")
+    assert meta["model"]["activation"] == "gelu_tanh" and meta["source"]["megatron_core"] == str(nemo)
+    _close(load_model(tmp_path / "ck")(_ids())[..., :REAL_VOCAB], expected)
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 1, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.linkname = kind, size if kind == tarfile.REGTYPE else 0, link
+    return info
+
+
+@pytest.mark.parametrize("member,why", [
+    (_member("/tmp/evil.txt"), "absolute path"), (_member("model_weights/../../evil.txt"), "'..'"),
+    (_member("model_weights/link", tarfile.SYMTYPE, link="/etc/passwd"), "is a link"),
+    (_member("model_weights/hard", tarfile.LNKTYPE, link="model_config.yaml"), "is a link"),
+    (_member("model_weights/dev", tarfile.CHRTYPE), "device"), (_member("model_weights/fifo", tarfile.FIFOTYPE),
+                                                                "device")])
+def test_unsafe_nemo_members_are_refused(tmp_path: Path, capsys, member: tarfile.TarInfo, why: str) -> None:
+    packed = tmp_path / "packed"
+    (packed / "model_weights").mkdir(parents=True)
+    (packed / "model_config.yaml").write_text(_nemo_config())
+    nemo = _tar(tmp_path / "bad.nemo", packed, [member])
+    assert main(["from-nemo", str(nemo), str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("checkpoint error:") and why in err and "refused" in err and "\n" not in err
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("key,value", [("swiglu", True), ("group_query_attention", True),
+                                       ("position_embedding_type", "rope"), ("normalization", "RMSNorm"),
+                                       ("add_bias_linear", False)])
+def test_architectures_mtlm_lacks_are_refused(tmp_path: Path, capsys, key: str, value) -> None:
+    ours = random_mtlm_gpt("gelu_tanh", 1e-5)
+    model = {"_target_": "mtlm.model.gpt.GPT", "name": "t", "num_layers": LAYERS, "hidden_size": HIDDEN,
+             "num_attention_heads": HEADS, "seq_length": POSITIONS, "max_position_embeddings": POSITIONS,
+             "vocab_size": 384, "make_vocab_size_divisible_by": 128, "dropout": 0.0, "init_std": 0.02,
+             "layernorm_eps": 1e-5, "activation": "gelu_tanh", "layernorm_order": "pre"}
+    write_checkpoint(tmp_path / "ck", model, {n: p.detach() for n, p in ours.named_parameters()}, 1, {"test": "t"})
+    assert main(["to-mcore", str(tmp_path / "ck"), str(tmp_path / "mc")]) == 0
+    common = tmp_path / "mc" / "release" / "common.pt"
+    saved = torch.load(common, weights_only=False)
+    setattr(saved["args"], key, value)
+    torch.save(saved, common)
+    assert main(["from-mcore", str(tmp_path / "mc"), str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("checkpoint error:") and f"args.{key}=" in err
+    assert "cannot represent" in err or "needs" in err

@@ -4,6 +4,7 @@
     from-megatron          Megatron-LM's legacy checkpoints (folders or NVIDIA's NGC zips), GPT-2 and BERT
     to-megatron            back to Megatron-LM (version 3.0 layout)
     from-mcore / to-mcore  Megatron-Core checkpoints (torch_dist: Megatron-LM and NeMo today), GPT
+    from-nemo              NeMo's .nemo archives of Megatron-Core GPT models
     from-deepspeed         bigscience's Megatron-DeepSpeed BLOOM checkpoints
 
 Every problem with the input is one line, `checkpoint error: ...`, and exit status 2.
@@ -99,6 +100,13 @@ def _from_mcore(args: argparse.Namespace) -> Path:
     return from_mcore(args.src, args.out_dir, args.tensor, open_tokenizer(args))
 
 
+@_guard
+def _from_nemo(args: argparse.Namespace) -> Path:
+    from mtlm.convert.nemo import from_nemo
+
+    return from_nemo(args.src, args.out_dir, args.tensor, open_tokenizer(args))
+
+
 def _to_mcore(args: argparse.Namespace) -> Path:
     from mtlm.convert.mcore import to_mcore
 
@@ -157,6 +165,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree to write the shards for")
     add_tokenizer_options(p)
     p.set_defaults(run=_from_mcore)
+    p = sub.add_parser("from-nemo", help="NeMo .nemo archive of a Megatron-Core GPT (torch_dist weights) -> mtlm")
+    p.add_argument("src", help="the .nemo file (a tar holding model_config.yaml and model_weights/)")
+    p.add_argument("out_dir")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree to write the shards for")
+    add_tokenizer_options(p)
+    p.set_defaults(run=_from_nemo)
     p = sub.add_parser("to-mcore", help="mtlm GPT checkpoint -> Megatron-Core checkpoint (torch_dist, release/)")
     p.add_argument("checkpoint", help="a checkpoint folder (its latest) or one step_* folder")
     p.add_argument("out_dir", help="a new or empty folder")

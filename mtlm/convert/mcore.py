@@ -132,12 +132,16 @@ def _model_section(full: dict[str, torch.Tensor], args: Any, name: str) -> dict:
     }
 
 
-def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:
-    """Import a Megatron-Core torch_dist GPT checkpoint (any saved tensor / pipeline degree) at `tensor`."""
+def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None,
+               args: Any = None, origin: str | None = None) -> Path:
+    """Import a Megatron-Core torch_dist GPT checkpoint (any saved tensor / pipeline degree) at `tensor`.
+
+    `args`: the run's arguments when common.pt has none (a NeMo archive's model_config.yaml, mtlm/convert/nemo.py);
+    `origin`: what to record as the source (default: the folder)."""
     folder = checkpoint_dir(src)
-    label = str(folder)
+    label = origin or str(folder)
     tensors, common = read_mcore(folder)
-    args = common.get("args")
+    args = common.get("args", args)
     if args is None:
         raise CheckpointError(f"{folder / 'common.pt'}: no args: the model's shape is unknown")
     _check_args(args, label)
@@ -154,7 +158,7 @@ def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer:
         if name in full:
             full[name] = full[name][:vocab]
     model["vocab_size"] = vocab
-    source = {"megatron_core": str(folder.resolve()), "iteration": common.get("iteration"),
+    source = {"megatron_core": origin or str(folder.resolve()), "iteration": common.get("iteration"),
               "tensor": saved_tensor, "pipeline": getattr(args, "pipeline_model_parallel_size", 1)}
     return write_checkpoint(out_dir, model, full, tensor, source, extra)
 
