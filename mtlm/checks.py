@@ -172,9 +172,22 @@ def _validate_new_axes(cfg: Any) -> None:
     if virtual > 1 and schedule != "interleaved_1f1b":
         raise ConfigError("parallel.virtual_stages", f"{virtual} needs parallel.schedule=interleaved_1f1b")
     if pipeline == 1:
+        if virtual > 1:
+            raise ConfigError("parallel.virtual_stages", f"{virtual} needs parallel.pipeline > 1")
         return
-    raise ConfigError("parallel.pipeline", f"{pipeline}: pipeline parallelism is not implemented yet; "
-                      "use parallel.pipeline=1")
+    stages = pipeline * virtual
+    if m.num_layers % stages:
+        raise ConfigError("parallel.pipeline", f"model.num_layers={m.num_layers} does not split evenly over "
+                          f"parallel.pipeline x parallel.virtual_stages = {pipeline} x {virtual} = {stages} stages")
+    t = cfg.trainer
+    micro = t.global_batch_size // (t.micro_batch_size * p.data)
+    if schedule == "interleaved_1f1b" and micro % pipeline:
+        raise ConfigError("parallel.schedule", f"interleaved_1f1b needs the micro-batches per step, "
+                          f"global / (micro x data) = {micro}, to be a multiple of parallel.pipeline={pipeline}")
+    for key, why in (("compile", "torch.compile of pipeline stages is not supported yet"),
+                     ("shard_optimizer", "ZeRO with a pipeline is not tested yet")):
+        if t.get(key):
+            raise ConfigError(f"trainer.{key}", f"{why}; set trainer.{key}=false with parallel.pipeline > 1")
 
 
 def _uses_cuda(cfg: Any) -> bool:

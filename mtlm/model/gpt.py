@@ -52,6 +52,7 @@ def num_parameters(num_layers: int, hidden: int, padded_vocab: int, max_position
 class GPT(VocabParallelLM):
     family = "gpt"  # mtlm/model/build.py: its objective is next-token LM (train/objective.py)
     sequence_parallel = True  # parallel.sequence (mtlm/model/build.py: check_parallel_axes)
+    pipeline_parallel = True  # parallel.pipeline: mtlm/model/stages.py splits it into stages
 
     def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
                  activation_checkpointing: bool = False) -> None:
@@ -68,6 +69,7 @@ class GPT(VocabParallelLM):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, state, True, device, dtype) for _ in range(cfg.num_layers))
         self.ln_f = norm() if pre_ln else None
+        self.has_parts = (self.wpe is not None, self.ln_emb is not None, self.ln_f is not None)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -75,38 +77,50 @@ class GPT(VocabParallelLM):
         given targets, the per-token loss [b, s] from the fused vocab-parallel cross-entropy.
 
         `kv_cache` (generation): `ids` are the positions after the cached ones, and their keys/values join it."""
-        x = self.wte(ids)
-        if self.wpe is not None:
-            start = kv_cache.length if kv_cache is not None else 0
-            x = x + self.wpe(torch.arange(start, start + ids.shape[1], device=ids.device))
         sp = self.state.sequence and kv_cache is None
-        if sp:  # sequence parallelism: from here to the head each rank holds 1/t of the sequence (§4.2.2)
-            x = split_to_sequence_region(x, self.state.tp_group)
-        if self.ln_emb is not None:
-            x = self.ln_emb(x)
-        x = stream_dropout(self.drop, x, self.state)
+        x = self.embed(ids, kv_cache.length if kv_cache is not None else 0, sp)
         for i, block in enumerate(self.blocks):
-            if kv_cache is not None:
-                x = block(x, kv_cache=kv_cache.layers[i])
-                continue
-            x = checkpoint_block(block, x, self.state.device) if self.activation_checkpointing and \
-                self.training else block(x)
-        if self.ln_f is not None:
-            x = self.ln_f(x)
-        # Tied output layer: the embedding's vocabulary shard, so the logits come out split by vocabulary.
-        enter = gather_from_sequence_region if sp else copy_to_tensor_region
-        logits = F.linear(enter(x, self.state.tp_group), self.wte.weight)
-        mask_padded_logits_(logits, self.wte.vocab_start, self.vocab_size)
+            x = block(x, kv_cache=kv_cache.layers[i]) if kv_cache is not None else self.run_block(block, x)
+        logits = self.head(x, sp)
         if targets is None:
             return logits
         # The logits are this forward's own temporary: backward may turn them into their gradient in place.
         return vocab_parallel_cross_entropy(logits, targets, self.wte.vocab_start, self.state.tp_group,
                                             inplace_backward=True)
 
+    # The three parts a forward is made of; a pipeline stage (mtlm/model/stages.py) runs some of them.
+    def embed(self, ids: torch.Tensor, start: int = 0, sequence_parallel: bool = False) -> torch.Tensor:
+        """Token (+ position) embeddings, then the embedding norm and dropout: the residual stream's start."""
+        x = self.wte(ids)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + ids.shape[1], device=ids.device))
+        if sequence_parallel:  # from here to the head each rank holds 1/t of the sequence (§4.2.2)
+            x = split_to_sequence_region(x, self.state.tp_group)
+        if self.ln_emb is not None:
+            x = self.ln_emb(x)
+        return stream_dropout(self.drop, x, self.state)
+
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One layer, recomputed in backward under activation checkpointing (§4)."""
+        if self.activation_checkpointing and self.training:
+            return checkpoint_block(block, x, self.state.device)
+        return block(x)
+
+    def head(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """Final norm and the tied output layer: the embedding's vocabulary shard, so the logits come out split
+        by vocabulary (this rank's [b, s, padded_vocab/t], padded entries -inf)."""
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        enter = gather_from_sequence_region if sequence_parallel else copy_to_tensor_region
+        logits = F.linear(enter(x, self.state.tp_group), self.wte.weight)
+        mask_padded_logits_(logits, self.wte.vocab_start, self.vocab_size)
+        return logits
+
     def num_parameters(self) -> int:
         """Whole-model count (all tensor ranks together), padded vocabulary included."""
         c = self.cfg
-        positions = c.max_position_embeddings if self.wpe is not None else 0
+        learned, ln_emb, ln_f = self.has_parts  # from the config: a pipeline stage holds only some of them
+        positions = c.max_position_embeddings if learned else 0
         # num_parameters() counts the final layer norm; BLOOM adds one on the embeddings, post-LN moves it there.
-        extra = 2 * c.hidden_size * ((self.ln_emb is not None) - (self.ln_f is None))
+        extra = 2 * c.hidden_size * (ln_emb - (not ln_f))
         return num_parameters(c.num_layers, c.hidden_size, self.padded_vocab_size, positions) + extra

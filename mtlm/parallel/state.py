@@ -94,6 +94,9 @@ class ParallelState:
     pipeline: int = 1
     pp_group: dist.ProcessGroup | None = None
     sequence: bool = False
+    # Pipeline > 1: the first and the last stage of this rank's pipeline line, which both hold the tied word
+    # embedding (Megatron's embedding group); None elsewhere and at pipeline 1.
+    embed_group: dist.ProcessGroup | None = None
     groups: dict[str, list[int]] = field(default_factory=dict)  # axis -> this rank's global ranks on it
 
     @property
@@ -132,7 +135,8 @@ class ParallelState:
                     sequence=sequence and tensor > 1, device=device)
         made = _create_groups(rank, grid, timedelta(seconds=timeout_s))
         state.tp_group, state.dp_group, state.pp_group = (made.get(a, (None, []))[0] for a in AXES)
-        state.groups = {a: ranks for a, (_, ranks) in made.items()}
+        state.groups = {a: ranks for a, (_, ranks) in made.items() if a in AXES}
+        state.embed_group = made.get("embedding", (None, []))[0]
         return state
 
     def destroy(self) -> None:
@@ -156,4 +160,10 @@ def _create_groups(rank: int, grid: Grid, timeout: timedelta) -> dict[str, tuple
             group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 made[axis] = (group, ranks)
+    if grid.pipeline > 1:  # the tied embedding's group: first and last stage of each pipeline line
+        for line in grid.groups("pipeline"):
+            ends = [line[0], line[-1]]
+            group = dist.new_group(ends, timeout=timeout)
+            if rank in ends:
+                made["embedding"] = (group, ends)
     return made

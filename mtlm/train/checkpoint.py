@@ -157,6 +157,8 @@ def _rank_shard(state: ParallelState, model: torch.nn.Module, optimizer: torch.o
     local = _local_optimizer(optimizer) if optimizer is not None else None
     write_optim = local is not None and (state.dp_rank == 0 or _is_sharded(optimizer))
     for name, p in model.named_parameters():
+        if getattr(p, "pipeline_copy", False):  # the last stage's tied embedding: the first stage writes it
+            continue
         sl = param_slice(name, p.shape, getattr(p, "partition_dim", None), state.tensor, state.tp_rank, vocab)
         if state.dp_rank == 0 and (sl.dim is not None or state.tp_rank == 0):
             shard.add(f"model.{name}", p, sl)
@@ -229,7 +231,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, consumed_samples: int, s
         groups = optimizer.param_groups if optimizer is not None else []
         meta = {
             "format": FORMAT, "version": VERSION, "step": step, "consumed_samples": consumed_samples,
-            "layout": {"tensor": state.tensor, "data": state.data, "world_size": state.world_size,
+            "layout": {"tensor": state.tensor, "data": state.data, "pipeline": state.pipeline,
+                       "world_size": state.world_size,
                        "shard_optimizer": _is_sharded(optimizer), "device": state.device.type},
             "model": {**_model_config(model), "vocab_size": vocab},
             "optimizer": {"state": optimizer is not None,
@@ -288,8 +291,8 @@ def _restore_optimizer(reader: ShardReader, meta: dict, state: ParallelState, mo
 def _restore_rng(reader: ShardReader, meta: dict, state: ParallelState, seed: int) -> bool:
     """This rank's streams when the layout is the saved one (True); else fresh streams from (seed, step)."""
     layout = meta["layout"]
-    same = (layout["tensor"], layout["data"], layout.get("device")) == (state.tensor, state.data,
-                                                                        state.device.type)
+    same = (layout["tensor"], layout["data"], layout.get("pipeline", 1), layout.get("device")) == \
+        (state.tensor, state.data, state.pipeline, state.device.type)
     file = rank_file(state.rank)
     f = reader.open(file) if same and file in meta.get("rng", {}).get("files", []) else None
     if f is None or "rng.tensor" not in f.keys():  # another layout, or saved without seeded streams

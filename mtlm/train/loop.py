@@ -35,6 +35,7 @@ from mtlm.train import checkpoint as ckpt
 from mtlm.train.faults import maybe_fail, maybe_hold
 from mtlm.train.objective import objective_for
 from mtlm.train.optim import build_optimizer, clip_grad_norm_, optimizer_factory
+from mtlm.train.pipeline import PipelineRunner
 from mtlm.train.precision import build_precision
 
 # The model has no buffers, so DDP has none to keep in step. torch >= 2.13 names that `forward_sync_buffers`
@@ -74,6 +75,10 @@ class Trainer:
         self.model = build_model(cfg.model, vocab, state, device=state.device,
                                  activation_checkpointing=t.activation_checkpointing)
         self.model.init_weights(t.seed)
+        self.precision = build_precision(cfg.precision, state.device, state)
+        # parallel.pipeline > 1: torch.distributed.pipelining runs the micro-batches (train/pipeline.py); the
+        # model keeps only this rank's stages, under their whole-model names.
+        self.pipeline = PipelineRunner(cfg, self.model, state, self.precision) if state.pipeline > 1 else None
         if t.compile:
             # In place (nn.Module.compile), so parameter names, hence checkpoints, stay the eager model's.
             # Opt-in: on CPU the first compile takes about a minute, and the step was no faster in fp32 and
@@ -81,7 +86,7 @@ class Trainer:
             self.model.compile()
         self.params = list(self.model.parameters())
         self.ddp = None
-        if state.dp_group is not None:
+        if state.dp_group is not None and self.pipeline is None:
             self.ddp = DistributedDataParallel(
                 self.model, process_group=state.dp_group, **_NO_BUFFER_SYNC,
                 device_ids=[state.device] if state.device.type == "cuda" else None)
@@ -91,7 +96,6 @@ class Trainer:
                                          cfg.optimizer.weight_decay,
                                          shard_group=state.dp_group if t.shard_optimizer else None)
         self.scheduler = instantiate(cfg.scheduler)(optimizer=self.optimizer, max_steps=t.max_steps)
-        self.precision = build_precision(cfg.precision, state.device, state)
         # Model FLOPs, and what the hardware executes: activation checkpointing reruns each layer's forward
         # (MFU stays model FLOPs).
         self.flops_per_step, self.hardware_flops_per_step = self.objective.flops(
@@ -121,9 +125,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.state.device)
         parts: dict[str, torch.Tensor] = {}  # the objective's loss terms and accuracies, for the log
         # Memory accounting hooks one forward of the first step only (metrics/memory.py), so no step pays.
-        act = None if self.memory is not None or t.compile else SavedActivations(
+        act = None if self.memory is not None or t.compile or self.pipeline is not None else SavedActivations(
             self.params, self.model.blocks if t.activation_checkpointing else ())
-        for m, micro in enumerate(self.objective.micro_batches(rank_batch, t.micro_batch_size)):
+        if self.pipeline is not None:
+            loss_sum = self.pipeline.train_grads(rank_batch, norm)
+        micro_batches = () if self.pipeline is not None else \
+            self.objective.micro_batches(rank_batch, t.micro_batch_size)
+        for m, micro in enumerate(micro_batches):
             last = m == self.micro_steps - 1
             no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with no_sync:
@@ -134,10 +142,13 @@ class Trainer:
             parts = {k: parts.get(k, 0) + v.float() for k, v in terms.items()}
         if self.state.sequence:  # layer norms saw 1/t of the sequence: sum their gradients (§4.2.2)
             sum_sequence_parallel_grads_(self.params, self.state.tp_group)
-        if self.memory is None:
-            self.memory = {"grads": gradient_bytes(self.params), "activations": act.bytes if act is not None else 0}
+        if self.memory is None:  # (a pipeline's saved activations are not counted: no number rather than 0)
+            self.memory = {"grads": gradient_bytes(self.params)}
+            if self.pipeline is None:
+                self.memory["activations"] = act.bytes if act is not None else 0
         skipped = self.precision.unscale_and_check(self.params, self.optimizer.param_groups)
-        grad_norm = clip_grad_norm_(self.params, t.grad_clip, self.state) if not skipped else float("nan")
+        counted = self.pipeline.norm_params() if self.pipeline is not None else None
+        grad_norm = clip_grad_norm_(self.params, t.grad_clip, self.state, counted) if not skipped else float("nan")
         if not skipped:
             self.optimizer.step()
         self.precision.update(skipped)
@@ -155,6 +166,13 @@ class Trainer:
         self.model.eval()
         totals: dict[str, torch.Tensor] = {}
         per_iter = t.micro_batch_size * self.state.data
+        if self.pipeline is not None:  # the schedule takes n micro-batches a call: round up, count eval_iters
+            n, total = self.pipeline.micro_batches, torch.zeros((), device=self.state.device)
+            for start in range(0, t.eval_iters, n):
+                batch = torch.cat([self._rank_slice(self.data.val, i * per_iter, per_iter)
+                                   for i in range(start, start + n)])
+                total += self.pipeline.eval_loss(batch, min(n, t.eval_iters - start))
+            return self.objective.eval_metrics({"val_loss": total}, t.eval_iters, self.state)
         for i in range(t.eval_iters):
             batch = self._rank_slice(self.data.val, i * per_iter, per_iter)
             with self.precision.autocast():

@@ -103,13 +103,18 @@ def global_grad_norm(params: list[nn.Parameter], state: ParallelState) -> torch.
         shard_sq = sq[0:1].clone()
         dist.all_reduce(shard_sq, group=state.tp_group)
         sq[0] = shard_sq[0]
+    if state.pp_group is not None:  # every stage's parameters (the tied embedding's copy left out by the caller)
+        dist.all_reduce(sq, group=state.pp_group)
     return sq.sum().sqrt()
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, state: ParallelState) -> float:
-    """Scale gradients so the global norm is at most max_norm (0 disables); returns the norm before."""
-    norm = global_grad_norm(params, state)
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, state: ParallelState,
+                    counted: list[nn.Parameter] | None = None) -> float:
+    """Scale gradients so the global norm is at most max_norm (0 disables); returns the norm before.
+    `counted`: the parameters whose gradients make up the norm, when not all of `params` (a pipeline's
+    second copy of the tied embedding)."""
+    norm = global_grad_norm(params if counted is None else counted, state)
     value = norm.item()
     if max_norm > 0 and math.isfinite(value) and value > max_norm:
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], max_norm / (value + 1e-6))
