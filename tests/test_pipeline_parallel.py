@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from mtlm.errors import ConfigError
 from mtlm.parallel import ParallelState
+from mtlm.train.checkpoint import save_trainer
 from mtlm.train.loop import Trainer
 from tests.compose import SMALL_MODEL, compose_config
 from tests.distributed import run_ranks
@@ -101,3 +102,45 @@ def test_pipeline_layouts_are_checked_up_front(overrides: tuple[str, ...], key: 
     with pytest.raises(ConfigError) as info:
         compose_config(*BASE, *overrides)
     assert info.value.key == key and "\n" not in str(info.value)
+
+
+def _ckpt(root: str, name: str, resume: str = "none") -> tuple[str, ...]:
+    return (f"checkpoint.dir={root}/{name}", f"checkpoint.resume={resume}")
+
+
+def _steps(trainer: Trainer, n: int) -> list[float]:
+    return [trainer.train_step()["loss"] for _ in range(n)]
+
+
+def _at_two_stages(state: ParallelState, root: str, saved_at_one: str) -> dict:
+    layout = ("parallel.pipeline=2",)
+    resumed = Trainer(compose_config(*BASE, *layout, *_ckpt(root, "p2_resumed", saved_at_one)), state, None, {})
+    out = {"resumed_losses": _steps(resumed, STEPS // 2), "resumed_weights": _owned_weights(resumed, state)}
+    fresh = Trainer(compose_config(*BASE, *layout, *_ckpt(root, "p2")), state, None, {})
+    _steps(fresh, STEPS // 2)
+    out["saved"] = str(save_trainer(fresh))
+    return out
+
+
+def test_resume_across_a_change_of_pipeline_degree(small_data_cache: str, tmp_path) -> None:
+    """Saved at P=1, resumed at P=2; saved at P=2, resumed at P=1: both continue the uninterrupted run."""
+    torch.set_num_threads(1)
+    root, one = str(tmp_path), ParallelState()
+    straight = Trainer(compose_config(*BASE, *_ckpt(str(tmp_path), "p1")), one, None, {})
+    losses = _steps(straight, STEPS // 2)
+    saved_at_one = str(save_trainer(straight))
+    losses += _steps(straight, STEPS // 2)
+    want = _owned_weights(straight, one)
+    two = run_ranks(_at_two_stages, 2, root, saved_at_one, tensor=1, pipeline=2, timeout=240)
+    back = Trainer(compose_config(*BASE, *_ckpt(root, "p1_resumed", two[0]["saved"])), one, None, {})
+    runs = {"P=1 -> P=2": ([r["resumed_losses"] for r in two], [r["resumed_weights"] for r in two]),
+            "P=2 -> P=1": ([_steps(back, STEPS // 2)], [_owned_weights(back, one)])}
+    for label, (rank_losses, rank_weights) in runs.items():
+        for got in rank_losses:
+            for a, b in zip(got, losses[STEPS // 2:], strict=True):
+                assert abs(a - b) <= 1e-6 * abs(b), f"{label}: loss {a} vs {b}"
+        merged = {k: v for weights in rank_weights for k, v in weights.items()}
+        assert merged.keys() == want.keys()
+        for name, w in want.items():
+            rel = ((merged[name] - w).norm() / w.norm()).item()
+            assert rel <= 1e-6, f"{label} {name}: relative difference {rel:.2e}"
