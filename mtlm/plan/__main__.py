@@ -22,7 +22,7 @@ from mtlm.config_checks import check_known_keys, sweep_jobs
 from mtlm.errors import ConfigError
 from mtlm.parallel.state import Grid
 from mtlm.plan import probe  # module, not names: tests stand in for its probes
-from mtlm.plan.planner import check_layout, make_plan
+from mtlm.plan.planner import GRAD_ALLREDUCE, check_layout, make_plan
 
 register_configs()
 
@@ -42,6 +42,9 @@ def validate_plan(cfg: Any, world_size: int | None = None) -> None:
     c = cfg.cluster
     if c.nodes < 1:
         raise ConfigError("cluster.nodes", f"must be >= 1, got {c.nodes}")
+    if c.get("grad_allreduce", "overlapped") not in GRAD_ALLREDUCE:
+        raise ConfigError("cluster.grad_allreduce", f"must be one of {' | '.join(GRAD_ALLREDUCE)}, got "
+                          f"{c.grad_allreduce!r}")
     if c.device == "cpu" and cfg.trainer.device == "cuda":
         raise ConfigError("trainer.device", f"cluster {c.name} has CPU devices only")
     per_node = c.devices_per_node or probe.cores()

@@ -50,6 +50,21 @@ def weak_rows() -> list[str]:
     return lines
 
 
+def grad_allreduce_rows() -> list[str]:
+    """Fig. 5's model+data-parallel bars under both gradient all-reduce schedules (cluster.grad_allreduce)."""
+    lines = ["| model | tensor x data | paper | overlapped (mtlm's DDP, fp32) | after_backward (2019 code, fp16) | "
+             "all-reduce, after_backward (ms) of a step (ms) |", "|---|--:|--:|--:|--:|--:|"]
+    for scale, eff in WEAK_TP_DP.items():
+        over, after = (_plan("+experiment=weak_scaling_tp_dp", f"scale={scale}", f"cluster.grad_allreduce={mode}")
+                       for mode in ("overlapped", "after_backward"))
+        cells = [f"{100 * q['efficiency_vs_calibration']:.1f}% ({100 * (q['efficiency_vs_calibration'] - eff):+.1f})"
+                 for q in (over, after)]
+        ms = f"{1e3 * after['data_parallel_allreduce_s']:.0f} of {1e3 * after['step_time_s']:.0f}"
+        lines.append(f"| {after['model']} | {after['tensor']} x {after['data']} | {100 * eff:.0f}% | {cells[0]} | "
+                     f"{cells[1]} | {ms} |")
+    return lines
+
+
 def strong_rows() -> list[str]:
     lines = ["| GPUs | paper speed-up (App. D) | predicted | predicted step (ms): compute + tensor-parallel |",
              "|--:|--:|--:|--:|"]
@@ -66,7 +81,10 @@ def strong_rows() -> list[str]:
 def main() -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     print("\n".join(["Weak scaling (§5.1, Table 1 configs; efficiency against the 1.2B on 1 GPU at 39 TFLOP/s):",
-                     "", *weak_rows(), "", "Strong scaling (Appendix D: the 1.2B model, batch 8, more GPUs):", "",
+                     "", *weak_rows(), "",
+                     "Fig. 5's data-parallel bars under both gradient all-reduce schedules (efficiency, points off):",
+                     "", *grad_allreduce_rows(), "",
+                     "Strong scaling (Appendix D: the 1.2B model, batch 8, more GPUs):", "",
                      *strong_rows()]))
     return 0
 

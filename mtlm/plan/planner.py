@@ -20,6 +20,8 @@ from mtlm.train.objective import objective_for
 GB = 2**30  # GiB, as GPU memory sizes are quoted
 # train.py warns when the chosen precision's GEMM rate is below this share of fp32's on a CPU.
 SLOW_PRECISION_RATIO = 0.5
+# cluster.grad_allreduce: when the data-parallel gradient all-reduce runs (perf.grad_allreduce_exposed).
+GRAD_ALLREDUCE = ("overlapped", "after_backward")
 
 
 # The vocabularies the paper trained its presets with (conf/model): GPT-2's byte-level BPE, 50,257 tokens (§5,
@@ -175,8 +177,11 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     tp_s = micro_steps * perf.collectives_time(colls, p.tensor, *intra)
     tp_bwd_s = perf.collectives_time(colls, p.tensor, *intra, phases=("recompute", "backward"))
 
-    # Data-parallel: the fp32 gradients of this rank, overlapped with the last micro-batch's backward.
-    grad_bytes = mem["grads"]
+    # Data-parallel. mtlm (overlapped): DDP all-reduces the fp32 gradients in buckets during the last
+    # micro-batch's backward. The 2019 Megatron-LM code (after_backward): one flattened buffer per dtype
+    # after backward, in the model's dtype (fp16 gradients under fp16), nothing hidden.
+    after = cfg.cluster.get("grad_allreduce", "overlapped") == "after_backward"
+    grad_bytes = sizing.compute_bytes(dtype) * rank.params_per_rank if after else mem["grads"]
     spans_nodes = devices > cluster["devices_per_node"]
     if spans_nodes:  # the node's network is shared by the data-parallel groups with members on it (one per
         # tensor rank, Fig. 8); each ring crosses a node boundary once per channel, so one group alone gets all of it
@@ -188,7 +193,7 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     dp_s = perf.ring_allreduce_time(grad_bytes, p.data, *dp_link)
     backward_s = compute_s / micro_steps * perf.backward_fraction(model_flops, hw_flops) + tp_bwd_s
     bucket = cfg.plan.ddp_bucket_mb * 1024 * 1024
-    dp_exposed_s = perf.exposed_data_parallel_time(grad_bytes, bucket, dp_s, backward_s)
+    dp_exposed_s = (dp_s if after else perf.exposed_data_parallel_time(grad_bytes, bucket, dp_s, backward_s))
 
     step_s = compute_s + tp_s + dp_exposed_s
     tflops = flops.tflops_per_device(model_flops, step_s, devices)
@@ -214,6 +219,7 @@ def make_plan(cfg: Any) -> dict[str, Any]:
         "tensor_parallel_bytes_per_step": micro_steps * perf.collectives_bytes(colls, p.tensor),
         "tensor_parallel_allreduces_per_step": micro_steps * sum(c.count for c in colls) if p.tensor > 1 else 0,
         "data_parallel_bytes_per_step": perf.ring_allreduce_bytes_per_device(grad_bytes, p.data),
+        "grad_allreduce": "after_backward" if after else "overlapped",
         "model_flops_per_step": model_flops, "hardware_flops_per_step": hw_flops,
         "tflops_per_device": tflops, "pflops": flops.aggregate_pflops(model_flops, step_s),
         "tokens_per_s": tokens / step_s, "peak_tflops_per_device": peak, "mfu": flops.mfu(tflops, peak),
