@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
 from mtlm.parallel import preempt
 from mtlm.parallel.launch import RankEnv, backend_for, launch, rank_device, threads_per_rank
 from mtlm.parallel.state import Grid, ParallelState
+from mtlm.parallel.watchdog import Heartbeat, RankHung, check_master
 from mtlm.plan.planner import precision_warning
-from mtlm.rank_env import env_world_size, is_rank_zero
+from mtlm.rank_env import detect_rank_env, env_world_size, is_rank_zero
 from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
 from mtlm.train.loop import train
 from mtlm.train.outcome import error_line, final_line, record_failure
@@ -41,9 +43,16 @@ def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
     p = cfg.parallel
     state = ParallelState.initialize(p.tensor, p.data, env.rank, env.world_size, device, backend, p.timeout_s,
                                      pipeline=p.pipeline, sequence=p.sequence)
+    beat = Heartbeat(env.rank, env.world_size, p.timeout_s) if env.world_size > 1 else None
     try:
         train(cfg, state, out_dir if state.is_main else None, cfg_dict)
+    except Exception as err:  # a collective timed out: name the rank that stopped, if one did
+        if beat is not None and (line := beat.diagnose(err)):
+            raise RankHung(line) from None
+        raise
     finally:
+        if beat is not None:
+            beat.stop()
         state.destroy()
 
 
@@ -63,6 +72,11 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
 def _run(cfg: DictConfig, out_dir: str | None, held: list[WriterLock]) -> None:
     try:
         validate(cfg, env_world_size())
+        if (env := detect_rank_env(os.environ)) is not None and not (env.kind == "slurm" and env.rank == 0):
+            # Several nodes: the master must not be loopback and its store must answer (rank 0 under SLURM
+            # hosts the store itself; torchrun's agent already made it), in a bounded time.
+            check_master(env.master_addr, env.master_port, env.world_size > env.local_world_size,
+                         min(float(cfg.parallel.timeout_s), 60.0))
         prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, cfg.trainer.seed)
         ck = cfg.get("checkpoint")
         if ck is not None and ck.save and is_rank_zero():
@@ -85,9 +99,13 @@ def _run(cfg: DictConfig, out_dir: str | None, held: list[WriterLock]) -> None:
         launch(_worker, Grid.of(cfg.parallel).world, (cfg_dict, out_dir), cfg.trainer.max_restarts,
                _restarter(cfg_dict, out_dir), device=cfg.trainer.device)
         sig = _stopped_by(out_dir)
-    except (CheckpointError, mp.ProcessRaisedException) as err:
+    except (CheckpointError, RankHung, mp.ProcessRaisedException) as err:
         # A checkpoint that passed the checks above but fails to read inside a rank: still one line.
         line = str(err).strip().splitlines()[-1]
+        if isinstance(err, RankHung) or "RankHung: " in line:  # a stopped / lost rank, named (watchdog.py)
+            record_failure(out_dir, f"error: {line.split('RankHung: ', 1)[-1]}")
+            print(f"error: {line.split('RankHung: ', 1)[-1]}", file=sys.stderr, flush=True)
+            sys.exit(1)
         if not isinstance(err, CheckpointError) and "CheckpointError: " not in line:
             record_failure(out_dir, error_line(err))
             raise

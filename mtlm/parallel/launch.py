@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
@@ -96,16 +97,46 @@ def _spawn_and_join(fn: Callable[..., Any], world_size: int, args: tuple) -> Non
                              join=False, start_method="spawn")
     # SIGTERM / SIGUSR1 to this process goes on to every rank, which finishes its step and saves (preempt.py).
     previous = preempt.install(lambda: [p.pid for p in ctx.processes if p.is_alive()])
+    killed: list[int] = []
     try:
-        while not ctx.join():
-            pass
+        while True:
+            alive = [p.sentinel for p in ctx.processes if p.exitcode is None]
+            if alive:
+                wait(alive, timeout=1.0)
+            killed += _kill_stopped_after_failure(ctx.processes)
+            if ctx.join(timeout=0):
+                return
     except mp.ProcessRaisedException as err:
         raise _root_cause(ctx, err) from None
+    except mp.ProcessExitedException as err:
+        if err.error_index in killed:  # we killed it because it was stopped: report the rank that failed
+            raise _root_cause(ctx, err) from None
+        raise
     finally:
         preempt.restore(previous)
 
 
-def _root_cause(ctx: mp.ProcessContext, err: mp.ProcessRaisedException) -> mp.ProcessRaisedException:
+def _kill_stopped_after_failure(processes: list) -> list[int]:
+    """Once a rank has failed, SIGKILL the ranks that are stopped (SIGSTOP, state T): torch's own clean-up
+    would send them SIGTERM, which waits while they are stopped, and SIGKILL only 30 s later. Returns the
+    indices of the ranks killed."""
+    if not any(p.exitcode not in (None, 0) for p in processes):
+        return []
+    killed = []
+    for i, p in enumerate(processes):
+        try:
+            with open(f"/proc/{p.pid}/stat", encoding="ascii") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("T", "t") and p.exitcode is None:
+            p.kill()
+            p.join(timeout=10)
+            killed.append(i)
+    return killed
+
+
+def _root_cause(ctx: mp.ProcessContext, err: Exception) -> Exception:
     """When one rank dies, its peers fail too (a collective with a dead peer), and torch reports whichever
     exit it noticed first. Report the rank whose error was written first: the one that started it."""
     written = [(os.stat(path).st_mtime_ns, i) for i, path in enumerate(ctx.error_files) if os.access(path, os.R_OK)]
