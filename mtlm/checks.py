@@ -15,16 +15,22 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from mtlm.config import ATTENTION_IMPLS, register_configs
+from mtlm.config import register_configs
 from mtlm.config_checks import check as check_keys_and_modes
 from mtlm.config_checks import check_not_in_train, null_section_message, unknown_key_message
 from mtlm.data import validate_data_config
 from mtlm.data.text_tokenizer import legacy_override_message
 from mtlm.errors import ConfigError, DataError
-from mtlm.model.build import check_parallel_axes, validate_model_config
+from mtlm.metrics.sinks import check_logger_config
+from mtlm.model.build import check_model_values, check_parallel_axes, validate_model_config
+from mtlm.parallel.launch import check_backend_config
 from mtlm.parallel.state import Grid
 from mtlm.rank_env import env_world_size
-from mtlm.train.optim import check_optimizer_config
+from mtlm.train.checkpoint import check_checkpoint_config
+from mtlm.train.loop import check_trainer_config
+from mtlm.train.optim import check_optimizer_values
+from mtlm.train.precision import check_precision_config
+from mtlm.train.schedule import check_scheduler_config
 
 
 def _positive(cfg: Any, key: str) -> None:
@@ -45,90 +51,25 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
                 "trainer.micro_batch_size", "trainer.global_batch_size", "trainer.log_interval",
                 "trainer.eval_interval", "trainer.eval_iters", "model.make_vocab_size_divisible_by"):
         _positive(cfg, key)
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError("model.hidden_size", f"{m.hidden_size} is not divisible by "
-                          f"model.num_attention_heads={m.num_attention_heads}")
+    check_model_values(m)  # each group's checks live with the code that reads its keys
     if m.num_attention_heads % p.tensor:
         raise ConfigError("parallel.tensor", f"{p.tensor} does not divide model.num_attention_heads="
                           f"{m.num_attention_heads} (each rank owns whole heads, §3)")
-    if m.seq_length > m.max_position_embeddings:
-        raise ConfigError("model.seq_length", f"{m.seq_length} exceeds model.max_position_embeddings="
-                          f"{m.max_position_embeddings}")
-    if m.attention not in ATTENTION_IMPLS:
-        raise ConfigError("model.attention", f"must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention!r}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if m.vocab_size is not None and m.vocab_size <= 0:
-        raise ConfigError("model.vocab_size", f"must be > 0 or null, got {m.vocab_size}")
-    if t.global_batch_size % (t.micro_batch_size * p.data):
-        raise ConfigError("trainer.global_batch_size", f"{t.global_batch_size} is not divisible by "
-                          f"trainer.micro_batch_size x parallel.data = {t.micro_batch_size} x {p.data}")
-    if t.grad_clip < 0:
-        raise ConfigError("trainer.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("trainer.device", f"must be auto, cpu or cuda, got {t.device!r}")
-    if t.num_threads is not None and t.num_threads <= 0:
-        raise ConfigError("trainer.num_threads", f"must be > 0 or null, got {t.num_threads}")
-    if t.max_restarts < 0:
-        raise ConfigError("trainer.max_restarts", f"must be >= 0, got {t.max_restarts}")
-    if p.backend not in ("auto", "gloo", "nccl"):
-        raise ConfigError("parallel.backend", f"must be auto, gloo or nccl, got {p.backend!r}")
-    if p.timeout_s <= 0:
-        raise ConfigError("parallel.timeout_s", f"must be > 0, got {p.timeout_s}")
+    check_trainer_config(t, p.data)
+    check_backend_config(p)
     validate_model_config(m)
     check_parallel_axes(m, p)
-    _validate_optim(cfg)
-    _validate_precision(cfg)
-    _validate_checkpoint(cfg)
-    if cfg.logger.name not in ("wandb", "none"):
-        raise ConfigError("logger.name", f"must be wandb or none, got {cfg.logger.name!r}")
+    check_optimizer_values(cfg.optimizer)
+    check_scheduler_config(cfg.scheduler, cfg.optimizer.lr)
+    check_precision_config(cfg.precision)
+    check_checkpoint_config(cfg.checkpoint)
+    check_logger_config(cfg.logger)
     _validate_layout(cfg, world_size)
 
     try:
         validate_data_config(cfg.data, model_vocab_size=cfg.model.vocab_size)
     except DataError as err:
         raise ConfigError(str(err).split(":", 1)[0], str(err).split(":", 1)[-1].strip()) from None
-
-
-def _validate_optim(cfg: Any) -> None:
-    o, s = cfg.optimizer, cfg.scheduler
-    if o.lr <= 0:
-        raise ConfigError("optimizer.lr", f"must be > 0, got {o.lr}")
-    if o.weight_decay < 0:
-        raise ConfigError("optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    if o.betas is not None and (len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas)):
-        raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
-    check_optimizer_config(o)
-    if s.decay not in ("cosine", "linear", "constant"):
-        raise ConfigError("scheduler.decay", f"must be cosine, linear or constant, got {s.decay!r}")
-    if s.warmup_steps < 0:
-        raise ConfigError("scheduler.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
-    if s.decay_steps is not None and s.decay_steps <= 0:
-        raise ConfigError("scheduler.decay_steps", f"must be > 0 or null, got {s.decay_steps}")
-    if not 0.0 <= s.min_lr <= o.lr:
-        raise ConfigError("scheduler.min_lr", f"must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
-
-
-def _validate_precision(cfg: Any) -> None:
-    pr = cfg.precision
-    if pr.dtype not in ("fp32", "bf16", "fp16"):
-        raise ConfigError("precision.dtype", f"must be fp32, bf16 or fp16, got {pr.dtype!r}")
-    if pr.initial_scale <= 0 or pr.min_scale <= 0 or pr.min_scale > pr.initial_scale:
-        raise ConfigError("precision.initial_scale", "need 0 < precision.min_scale <= precision.initial_scale")
-    if pr.growth_interval <= 0:
-        raise ConfigError("precision.growth_interval", f"must be > 0, got {pr.growth_interval}")
-
-
-def _validate_checkpoint(cfg: Any) -> None:
-    c = cfg.checkpoint
-    if not c.dir:
-        raise ConfigError("checkpoint.dir", "must be a non-empty path")
-    if c.interval < 0:
-        raise ConfigError("checkpoint.interval", f"must be >= 0 (0: save only at the end), got {c.interval}")
-    if c.keep < 1:
-        raise ConfigError("checkpoint.keep", f"must be >= 1, got {c.keep}")
-    if not c.resume:
-        raise ConfigError("checkpoint.resume", "must be none, auto or a checkpoint path")
 
 
 def _validate_layout(cfg: Any, world_size: int | None) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from mtlm.errors import ConfigError
+
 # Console fields in print order: (accepted keys, first wins; formatter). Keys not listed here still go to
 # metrics.jsonl and W&B, just not to the one-line console summary.
 CONSOLE_FIELDS: tuple[tuple[tuple[str, ...], Any], ...] = (
@@ -264,3 +266,9 @@ def build_logger(logger_cfg: Any, run_config: Mapping[str, Any], out_dir: str | 
             sinks[1].close("failed")
             raise
     return MetricsLogger(sinks)
+
+
+def check_logger_config(logger: Any) -> None:
+    """logger.name (called by mtlm.checks.validate; logger.mode: mtlm/config_checks.py, before anything else)."""
+    if logger.name not in ("wandb", "none"):
+        raise ConfigError("logger.name", f"must be wandb or none, got {logger.name!r}")

@@ -12,6 +12,7 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from torch import nn
 
+from mtlm.config import ATTENTION_IMPLS
 from mtlm.errors import ConfigError
 from mtlm.model.alibi import validate_position_options
 from mtlm.model.transformer import ACTIVATIONS, LAYERNORM_ORDERS
@@ -61,3 +62,19 @@ def validate_model_config(m: Any) -> None:
     validate_position_options(m, cls.family)
     if cls.family == "bert" and m.seq_length < 5:
         raise ConfigError("model.seq_length", f"BERT samples ([CLS] A [SEP] B [SEP]) need >= 5, got {m.seq_length}")
+
+
+def check_model_values(m: Any) -> None:
+    """model.* ranges and shapes the schema's types cannot express (called by mtlm.checks.validate)."""
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError("model.hidden_size", f"{m.hidden_size} is not divisible by "
+                          f"model.num_attention_heads={m.num_attention_heads}")
+    if m.seq_length > m.max_position_embeddings:
+        raise ConfigError("model.seq_length", f"{m.seq_length} exceeds model.max_position_embeddings="
+                          f"{m.max_position_embeddings}")
+    if m.attention not in ATTENTION_IMPLS:
+        raise ConfigError("model.attention", f"must be one of {', '.join(ATTENTION_IMPLS)}, got {m.attention!r}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if m.vocab_size is not None and m.vocab_size <= 0:
+        raise ConfigError("model.vocab_size", f"must be > 0 or null, got {m.vocab_size}")

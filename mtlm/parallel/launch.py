@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from mtlm.errors import ConfigError
 from mtlm.parallel import preempt
 
 # What torchrun / SLURM told this process lives in the torch-free mtlm/rank_env.py; its names are re-exported.
@@ -184,3 +185,11 @@ def backend_for(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def check_backend_config(p: Any) -> None:
+    """parallel.backend and parallel.timeout_s (called by mtlm.checks.validate)."""
+    if p.backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError("parallel.backend", f"must be auto, gloo or nccl, got {p.backend!r}")
+    if p.timeout_s <= 0:
+        raise ConfigError("parallel.timeout_s", f"must be > 0, got {p.timeout_s}")

@@ -60,6 +60,7 @@ from mtlm.checkpoint.format import (
 )
 from mtlm.config import model_option
 from mtlm.data.text_tokenizer import check_same_tokenizer
+from mtlm.errors import ConfigError
 from mtlm.model.build import GPT_TARGET, model_target
 from mtlm.parallel import random as rng
 from mtlm.parallel.state import ParallelState
@@ -377,3 +378,15 @@ def restore_trainer(trainer: Any) -> None:
         how = "" if meta["rng_restored"] else f" (saved at tensor={meta['layout']['tensor']} " \
               f"data={meta['layout']['data']}: RNG streams re-seeded)"
         print(f"resumed from {target} at step {trainer.step}{how}", flush=True)
+
+
+def check_checkpoint_config(c: Any) -> None:
+    """checkpoint.* values (called by mtlm.checks.validate; the checkpoint to resume is checked before launch)."""
+    if not c.dir:
+        raise ConfigError("checkpoint.dir", "must be a non-empty path")
+    if c.interval < 0:
+        raise ConfigError("checkpoint.interval", f"must be >= 0 (0: save only at the end), got {c.interval}")
+    if c.keep < 1:
+        raise ConfigError("checkpoint.keep", f"must be >= 1, got {c.keep}")
+    if not c.resume:
+        raise ConfigError("checkpoint.resume", "must be none, auto or a checkpoint path")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel
 
+from mtlm.errors import ConfigError
 from mtlm.metrics.flops import peak_tflops
 from mtlm.metrics.memory import SavedActivations, gradient_bytes, optimizer_state_bytes, parameter_bytes
 from mtlm.metrics.sinks import MetricsLogger, build_logger
@@ -306,3 +307,18 @@ def train(cfg: Any, state: ParallelState, out_dir: str | None, run_config: dict)
     finally:
         if trainer is not None and trainer.logger is not None:
             trainer.logger.close(status)
+
+
+def check_trainer_config(t: Any, data: int) -> None:
+    """trainer.* values (called by mtlm.checks.validate); `data`: parallel.data, which splits each batch."""
+    if t.global_batch_size % (t.micro_batch_size * data):
+        raise ConfigError("trainer.global_batch_size", f"{t.global_batch_size} is not divisible by "
+                          f"trainer.micro_batch_size x parallel.data = {t.micro_batch_size} x {data}")
+    if t.grad_clip < 0:
+        raise ConfigError("trainer.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("trainer.device", f"must be auto, cpu or cuda, got {t.device!r}")
+    if t.num_threads is not None and t.num_threads <= 0:
+        raise ConfigError("trainer.num_threads", f"must be > 0 or null, got {t.num_threads}")
+    if t.max_restarts < 0:
+        raise ConfigError("trainer.max_restarts", f"must be >= 0, got {t.max_restarts}")

@@ -119,3 +119,14 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, state: Parallel
     if max_norm > 0 and math.isfinite(value) and value > max_norm:
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], max_norm / (value + 1e-6))
     return value
+
+
+def check_optimizer_values(o: Any) -> None:
+    """optimizer.* values, then the keys this optimizer takes (called by mtlm.checks.validate)."""
+    if o.lr <= 0:
+        raise ConfigError("optimizer.lr", f"must be > 0, got {o.lr}")
+    if o.weight_decay < 0:
+        raise ConfigError("optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if o.betas is not None and (len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas)):
+        raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    check_optimizer_config(o)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mtlm.errors import ConfigError
 from mtlm.parallel.state import ParallelState
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -137,3 +138,13 @@ def build_precision(cfg: Any, device: torch.device, state: ParallelState | None 
     if cfg.dtype == "fp16":
         return DynamicLossScaler(cfg, device, state)
     return Precision(cfg, device)
+
+
+def check_precision_config(pr: Any) -> None:
+    """precision.* values (called by mtlm.checks.validate)."""
+    if pr.dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError("precision.dtype", f"must be fp32, bf16 or fp16, got {pr.dtype!r}")
+    if pr.initial_scale <= 0 or pr.min_scale <= 0 or pr.min_scale > pr.initial_scale:
+        raise ConfigError("precision.initial_scale", "need 0 < precision.min_scale <= precision.initial_scale")
+    if pr.growth_interval <= 0:
+        raise ConfigError("precision.growth_interval", f"must be > 0, got {pr.growth_interval}")
