@@ -19,6 +19,7 @@ from typing import Any
 
 from mtlm.convert.deepspeed import from_deepspeed
 from mtlm.convert.hf import from_hf, to_hf
+from mtlm.convert.mcore import from_mcore, to_mcore
 from mtlm.convert.megatron import from_megatron
 from mtlm.convert.megatron_export import to_megatron
 from mtlm.data.gpt2_bpe import GPT2BPETokenizer
@@ -95,8 +96,6 @@ def _from_deepspeed(args: argparse.Namespace) -> Path:
 
 @_guard
 def _from_mcore(args: argparse.Namespace) -> Path:
-    from mtlm.convert.mcore import from_mcore
-
     return from_mcore(args.src, args.out_dir, args.tensor, open_tokenizer(args))
 
 
@@ -108,8 +107,6 @@ def _from_nemo(args: argparse.Namespace) -> Path:
 
 
 def _to_mcore(args: argparse.Namespace) -> Path:
-    from mtlm.convert.mcore import to_mcore
-
     return to_mcore(args.checkpoint, args.out_dir)
 
 
