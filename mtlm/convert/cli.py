@@ -22,6 +22,7 @@ from mtlm.convert.hf import from_hf, to_hf
 from mtlm.convert.mcore import from_mcore, to_mcore
 from mtlm.convert.megatron import from_megatron
 from mtlm.convert.megatron_export import to_megatron
+from mtlm.convert.nemo import from_nemo
 from mtlm.data.gpt2_bpe import GPT2BPETokenizer
 from mtlm.data.hf_tokenizers import JsonTokenizer, WordPieceTokenizer
 from mtlm.errors import CheckpointError, DataError
@@ -101,8 +102,6 @@ def _from_mcore(args: argparse.Namespace) -> Path:
 
 @_guard
 def _from_nemo(args: argparse.Namespace) -> Path:
-    from mtlm.convert.nemo import from_nemo
-
     return from_nemo(args.src, args.out_dir, args.tensor, open_tokenizer(args))
 
 
