@@ -45,7 +45,9 @@ from mtlm.plan.compare import (
 CSV_FIELDS: tuple[tuple[str, str], ...] = (
     ("job", "job"), ("model", "model"), ("hidden_size", "hidden_size"),
     ("num_attention_heads", "num_attention_heads"), ("num_layers", "num_layers"), ("num_params", "num_params"),
-    ("tensor", "tensor"), ("data", "data"), ("devices", "devices"), ("threads_per_rank", "threads_per_rank"),
+    ("tensor", "tensor"), ("data", "data"), ("pipeline", "pipeline"), ("virtual_stages", "virtual_stages"),
+    ("schedule", "schedule"), ("sequence_parallel", "sequence_parallel"),
+    ("devices", "devices"), ("threads_per_rank", "threads_per_rank"),
     ("precision", "precision"), ("global_batch_size", "global_batch_size"), ("seq_length", "seq_length"),
     ("step_time_s", "step_time_s"), ("tokens_per_s", "tokens_per_s"), ("tflops_per_device", "tflops_per_device"),
     ("hardware_tflops_per_device", "hardware_tflops_per_device"), ("pflops", "pflops"), ("mfu", "mfu"),
@@ -178,20 +180,31 @@ def _num(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _pipeline(row: dict[str, Any]) -> str:
+    """`2` (1f1b), `2 gpipe`, `2x2 interleaved_1f1b`; `1` for runs without a pipeline or before it existed."""
+    p = row.get("pipeline") or 1
+    if p == 1:
+        return "1"
+    v = row.get("virtual_stages") or 1
+    schedule = row.get("schedule") or "1f1b"
+    return f"{p}x{v} {schedule}" if v > 1 else (f"{p}" if schedule == "1f1b" else f"{p} {schedule}")
+
+
 def markdown_table(rows: list[dict[str, Any]], failed: list[Job], baseline_note: str, title: str) -> str:
     """Table 1 of the paper, measured: shape, layout, per-device and aggregate throughput, efficiency."""
     lines = [f"# Weak scaling: {title}", "",
              f"Baseline: {baseline_note}.",
              "Efficiency = a job's TFLOP/s per device / the baseline's (Megatron-LM §5.1). Model FLOPs "
              "(no recompute) per iteration: 72·B·s·l·h²·(1 + s/6h + V/12lh).", "",
-             "| job | model | hidden | heads | layers | params | tensor | data | devices | TFLOP/s per device "
-             "| aggregate PFLOP/s | efficiency | MFU |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| job | model | hidden | heads | layers | params | tensor | data | pipeline | devices "
+             "| TFLOP/s per device | aggregate PFLOP/s | efficiency | MFU |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['job']} | {r['model']} | {_num(r['hidden_size'], 'd')} | "
                      f"{_num(r['num_attention_heads'], 'd')} | {_num(r['num_layers'], 'd')} | "
-                     f"{_count(r['num_params'])} | {r['tensor']} | {r['data']} | {r['devices']} | "
+                     f"{_count(r['num_params'])} | {r['tensor']}{'+SP' if r.get('sequence_parallel') else ''} | "
+                     f"{r['data']} | {_pipeline(r)} | {r['devices']} | "
                      f"{r['tflops_per_device']:.4g} | {r['pflops']:.4g} | {100 * r['scaling_efficiency']:.1f}% "
                      f"| {mfu} |")
     loads = [f"job {r['job']}: {r['load_avg_1m']:.2f}" for r in rows if r.get("load_avg_1m") is not None]

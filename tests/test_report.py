@@ -82,8 +82,8 @@ def test_report_files_match_summaries(paper_sweep: Path) -> None:
     assert float(rows[-1]["scaling_efficiency"]) == pytest.approx(0.77)
 
     md = (paper_sweep / "scaling.md").read_text()
-    assert "| 3 | gpt2_8.3b | 3072 | 32 | 72 | 8.3B | 8 | 1 | 8 | 30.03 | 0.2402 | 77.0% | 24.0% |" in md
-    assert "| 0 | gpt2_1.2b | 1536 | 16 | 40 | 1.2B | 1 | 1 | 1 | 39 | 0.039 | 100.0% | 31.2% |" in md
+    assert "| 3 | gpt2_8.3b | 3072 | 32 | 72 | 8.3B | 8 | 1 | 1 | 8 | 30.03 | 0.2402 | 77.0% | 24.0% |" in md
+    assert "| 0 | gpt2_1.2b | 1536 | 16 | 40 | 1.2B | 1 | 1 | 1 | 1 | 39 | 0.039 | 100.0% | 31.2% |" in md
     assert "job 4: failed: RuntimeError: CUDA out of memory" in md
     assert "job 5: failed: no summary.json" in md
     assert "the sweep's 1-device job (job 0" in md
@@ -245,3 +245,14 @@ def test_documented_slurm_commands_compose() -> None:
             "+experiment=weak_scaling_tp", "scale=paper_8.3b_t8", "hydra/launcher=slurm", "hydra.launcher.nodes=1",
             "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=8", "hydra.launcher.cpus_per_task=80"])
         assert cfg.parallel.tensor * cfg.parallel.data <= cfg.hydra.launcher.gpus_per_node
+
+
+def test_report_names_the_pipeline_and_sequence_axes() -> None:
+    # Summaries from before issue 22 have no pipeline keys: one stage.
+    assert report._pipeline({}) == "1"
+    assert report._pipeline({"pipeline": 2, "virtual_stages": 1, "schedule": "1f1b"}) == "2"
+    assert report._pipeline({"pipeline": 4, "virtual_stages": 1, "schedule": "gpipe"}) == "4 gpipe"
+    assert report._pipeline({"pipeline": 2, "virtual_stages": 2, "schedule": "interleaved_1f1b"}) == \
+        "2x2 interleaved_1f1b"
+    fields = [column for column, _ in report.CSV_FIELDS]
+    assert {"pipeline", "virtual_stages", "schedule", "sequence_parallel"} <= set(fields)

@@ -250,6 +250,7 @@ class Trainer:
             "num_layers": c.model.num_layers, "wandb_group": c.logger.get("group"),
             "padded_vocab_size": self.model.padded_vocab_size, "vocab_size": self.model.vocab_size,
             "tensor": self.state.tensor, "data": self.state.data, "pipeline": self.state.pipeline,
+            "virtual_stages": c.parallel.get("virtual_stages", 1), "schedule": c.parallel.get("schedule", "1f1b"),
             "sequence_parallel": self.state.sequence, "world_size": self.state.world_size,
             "devices": self.state.world_size, "device_type": self.state.device.type,
             "threads_per_rank": threads, "precision": c.precision.dtype,
