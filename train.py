@@ -45,6 +45,8 @@ def _check_overrides() -> None:
 
     jobs = sweep_jobs(args) if len(args) < len(sys.argv) - 1 else [args]
     for job in jobs:
+        # The tree beside this script, the one @hydra.main composes (mtlm.config.CONF_DIR is the same folder
+        # seen from the package, as the other apps use it).
         error = compose_error(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"), job)
         if error:
             print(error, file=sys.stderr)

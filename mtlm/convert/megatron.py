@@ -26,7 +26,7 @@ import torch
 
 from mtlm.api import model_config
 from mtlm.checkpoint.format import PADDED_VOCAB
-from mtlm.config import model_option
+from mtlm.config import CONF_DIR, model_option
 from mtlm.convert.megatron_files import rank_files
 from mtlm.convert.megatron_tokenizer import import_tokenizer
 from mtlm.convert.pickles import safe_load
@@ -121,7 +121,7 @@ def read_preset(name: str) -> dict:
     """conf/model/NAME.yaml as a dict (what a file without args cannot say: heads, sequence length, ...)."""
     from omegaconf import OmegaConf
 
-    path = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml"
+    path = Path(CONF_DIR) / "model" / f"{name}.yaml"
     if not path.is_file():
         raise CheckpointError(f"--preset {name}: no {path}")
     return dict(OmegaConf.to_container(OmegaConf.load(path)))
