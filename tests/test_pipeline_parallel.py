@@ -144,3 +144,33 @@ def test_resume_across_a_change_of_pipeline_degree(small_data_cache: str, tmp_pa
         for name, w in want.items():
             rel = ((merged[name] - w).norm() / w.norm()).item()
             assert rel <= 1e-6, f"{label} {name}: relative difference {rel:.2e}"
+
+
+def _overflow_on_last_stage(state: ParallelState) -> list[dict]:
+    cfg = compose_config(*SMALL_MODEL, "parallel.pipeline=2", "precision=fp16", "precision.initial_scale=1024",
+                         "precision.growth_interval=2", "model.dropout=0.0", "trainer.global_batch_size=4",
+                         "trainer.micro_batch_size=2", "trainer.max_steps=4")
+    trainer = Trainer(cfg, state, None, {})
+    unscale = trainer.precision.unscale_and_check
+
+    def poisoned(params, groups):  # step 2 overflows on the last stage only
+        if trainer.step == 1 and state.pp_rank == 1:
+            next(iter(trainer.model.blocks.values())).mlp.fc.weight.grad.view(-1)[0] = float("inf")
+        return unscale(params, groups)
+
+    trainer.precision.unscale_and_check = poisoned
+    rows = []
+    for _ in range(4):
+        before = [p.detach().clone() for p in trainer.params]
+        m = trainer.train_step()
+        rows.append({"unchanged": all(torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True)),
+                     "loss": m["loss"], **{k: m[k] for k in ("loss_scale", "overflow", "skipped_steps")}})
+    return rows
+
+
+def test_fp16_overflow_on_one_stage_skips_the_step_on_every_stage(small_data_cache: str) -> None:
+    for rank, rows in enumerate(run_ranks(_overflow_on_last_stage, 2, tensor=1, pipeline=2, timeout=180)):
+        assert [r["unchanged"] for r in rows] == [False, True, False, False], f"rank {rank}"
+        assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1], f"rank {rank}"
+        assert [r["loss_scale"] for r in rows] == [1024.0, 512.0, 512.0, 1024.0], f"rank {rank}"
+        assert all(0 < r["loss"] < 20 for r in rows), f"rank {rank}: the logged loss is unscaled"
