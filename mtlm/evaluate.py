@@ -31,6 +31,7 @@ from mtlm.eval.config import EvaluateConfig, register_eval_configs, validate_eva
 from mtlm.eval.loading import autocast, load_tokenizer, read_checkpoint
 from mtlm.eval.tasks import evaluate_lambada, evaluate_wikitext, prepare
 from mtlm.metrics.sinks import WandbSink
+from mtlm.parallel.denormals import flush_denormals
 from mtlm.parallel.launch import RankEnv, launch
 from mtlm.rank_env import env_world_size
 
@@ -89,6 +90,7 @@ def prepare_job(cfg: Any) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig, out_dir: str | None) -> None:
+    flush_denormals()  # before any torch op starts the thread pool (mtlm/parallel/denormals.py)
     try:
         validate_evaluate(cfg, env_world_size())
         job = prepare_job(cfg)

@@ -33,6 +33,7 @@ from mtlm.eval.config import GenerateConfig, register_eval_configs, validate_gen
 from mtlm.eval.generation import Sampling, generate
 from mtlm.eval.loading import autocast, load_tokenizer, read_checkpoint
 from mtlm.eval.tasks import read_text
+from mtlm.parallel.denormals import flush_denormals
 from mtlm.parallel.launch import RankEnv, launch
 from mtlm.rank_env import env_world_size
 
@@ -87,6 +88,7 @@ def prepare_job(cfg: Any) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig, out_dir: str | None) -> None:
+    flush_denormals()  # before any torch op starts the thread pool (mtlm/parallel/denormals.py)
     try:
         validate_generate(cfg, env_world_size())
         job = prepare_job(cfg)

@@ -23,6 +23,7 @@ from mtlm.checks import validate
 from mtlm.data.build import build_data, prepare_data
 from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
 from mtlm.parallel import preempt
+from mtlm.parallel.denormals import flush_denormals, flush_warning
 from mtlm.parallel.launch import RankEnv, backend_for, launch, rank_device, threads_per_rank
 from mtlm.parallel.state import Grid, ParallelState
 from mtlm.parallel.watchdog import Heartbeat, RankHung, check_master
@@ -38,6 +39,8 @@ def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
     preempt.install()  # a spawned rank: record SIGTERM / SIGUSR1, stop after the step (parallel/preempt.py)
     cfg = OmegaConf.create(cfg_dict)
     torch.set_num_threads(threads_per_rank(env.local_world_size, cfg.trainer.num_threads))
+    if line := flush_warning():
+        print(f"rank {env.rank}: {line}", file=sys.stderr, flush=True)
     device = rank_device(cfg.trainer.device, env.local_rank, env.local_world_size)
     backend = backend_for(cfg.parallel.backend, device)
     p = cfg.parallel
@@ -61,6 +64,7 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
 
     The launching process (rank 0 under torchrun / SLURM) holds checkpoint.dir's writer lock from before it
     looks into the folder until the run ends (train/writer_lock.py)."""
+    flush_denormals()  # before any torch op starts the thread pool: its threads inherit the mode (issue 26)
     held: list[WriterLock] = []
     try:
         _run(cfg, out_dir, held)

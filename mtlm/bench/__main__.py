@@ -19,6 +19,7 @@ from pathlib import Path
 from mtlm.bench.speed import Shape, bench_speed, format_speed
 from mtlm.bench.tp_scaling import WIDE, bench_tp_scaling, format_tp_scaling
 from mtlm.config import CONF_DIR
+from mtlm.parallel.denormals import flush_denormals
 from mtlm.parallel.launch import threads_per_rank
 
 
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    flush_denormals()  # first: every comparator runs in this process's threads, all flushing (issue 26)
     parser = _parser()
     args = parser.parse_args(argv)
     base = WIDE if args.tp_scaling else Shape()

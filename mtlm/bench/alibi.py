@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mtlm.model.alibi import alibi_causal_bias, alibi_slopes
 from mtlm.model.transformer import unfused_attention
+from mtlm.parallel.denormals import flush_denormals
 
 
 def step_time(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, reps: int,
@@ -37,6 +38,7 @@ def step_time(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
 
 
 def main(argv: list[str] | None = None) -> None:
+    flush_denormals()  # both attentions compared in flushing threads (mtlm/parallel/denormals.py)
     p = argparse.ArgumentParser(prog="python -m mtlm.bench.alibi", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from mtlm.errors import ERROR_KINDS, error_kind
 from mtlm.eval.loading import read_checkpoint
+from mtlm.parallel.denormals import flush_denormals
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 PROBE_TIMEOUT_S = 3.0
@@ -84,6 +85,7 @@ def check_checkpoint(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    flush_denormals()  # before lm-eval or torch start a thread pool (mtlm/parallel/denormals.py)
     argv = sys.argv[1:] if argv is None else argv
     offline = False if argv[:1] == ["install-hook"] else go_offline_unless_reachable()
     try:

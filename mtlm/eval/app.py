@@ -18,6 +18,7 @@ from mtlm.checks import compose_error
 from mtlm.config import CONF_DIR
 from mtlm.errors import CheckpointError, ConfigError, DataError, error_kind
 from mtlm.eval.loading import load_gpt
+from mtlm.parallel.denormals import flush_warning
 from mtlm.parallel.launch import RankEnv, backend_for, rank_device, threads_per_rank
 from mtlm.parallel.state import ParallelState
 from mtlm.rank_env import is_rank_zero
@@ -78,6 +79,8 @@ def rank_state(env: RankEnv, tensor: int, device: str, num_threads: int | None, 
                timeout_s: float) -> ParallelState:
     """This rank's threads, device and place in the tensor group (data degree 1)."""
     torch.set_num_threads(threads_per_rank(env.local_world_size, num_threads))
+    if line := flush_warning():
+        print(f"rank {env.rank}: {line}", file=sys.stderr, flush=True)
     dev = rank_device(device, env.local_rank)
     return ParallelState.initialize(tensor, 1, env.rank, env.world_size, dev, backend_for(backend, dev), timeout_s)
 

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 from mtlm.errors import ConfigError
 from mtlm.parallel import preempt
+from mtlm.parallel.denormals import flush_denormals
 
 # What torchrun / SLURM told this process lives in the torch-free mtlm/rank_env.py; its names are re-exported.
 from mtlm.rank_env import RankEnv as RankEnv
@@ -47,6 +48,7 @@ def threads_per_rank(local_world_size: int, requested: int | None) -> int:
 
 
 def _spawned_entry(local_rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
+    flush_denormals()  # first, before torch starts this rank's thread pool (parallel/denormals.py)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     fn(RankEnv("local", local_rank, world, local_rank, world, "127.0.0.1", port), *args)
 
@@ -72,6 +74,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), max_restar
     resume from the latest checkpoint). Even a single rank then runs in a child process, so a hard death
     is survivable. Ranks of torchrun / SLURM are restarted by that launcher (`torchrun --max-restarts`).
     """
+    flush_denormals()  # this process computes too when it is a rank (a no-op if the entry point did it already)
     env = detect_rank_env(os.environ)
     if env is not None:
         if env.master_addr is not None:
