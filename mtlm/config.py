@@ -271,6 +271,9 @@ class ClusterConfig:
     # backward, what mtlm does) or `after_backward` (one flattened buffer per dtype after backward, in the
     # compute dtype, then a device sync: the 2019 Megatron-LM code the paper's Fig. 5 ran; docs/planner.md).
     grad_allreduce: str = "overlapped"
+    # Pipeline sends: each tensor rank sends 1/t of the b·s·h activations and the next stage all-gathers them
+    # (SC'21 §4.1's scatter/gather, Megatron-LM's code); false: every rank sends all of them (mtlm).
+    p2p_scatter_gather: bool = False
     calibration: CalibrationPoint = field(default_factory=CalibrationPoint)
 
 

@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 
 from mtlm.checks import compose_error
 from mtlm.config import register_configs
+from mtlm.metrics import memory
+from mtlm.plan import perf, pipeline, sizing
 from mtlm.plan.__main__ import validate_plan
 from mtlm.plan.planner import make_plan
 
@@ -50,3 +52,102 @@ def test_after_backward_allreduce_is_fp16_and_fully_exposed() -> None:
 def test_grad_allreduce_bad_value_is_one_line() -> None:
     err = compose_error(CONF, [*PAPER_8_3B_512, "cluster.grad_allreduce=sometimes"], "plan", validate_plan)
     assert err.startswith("config error: cluster.grad_allreduce:") and "after_backward" in err and "\n" not in err
+
+
+# ---- pipeline terms, by hand ---------------------------------------------------------------------------------
+
+
+def test_in_flight_micro_batches_per_schedule() -> None:
+    assert pipeline.in_flight_chunks("gpipe", 4, 1, 8) == 8  # all m forwards before any backward
+    assert pipeline.in_flight_chunks("1f1b", 4, 1, 8, rank=0) == 4  # P on the first stage
+    assert pipeline.in_flight_chunks("1f1b", 4, 1, 8, rank=3) == 1  # one on the last
+    assert pipeline.in_flight_chunks("1f1b", 4, 1, 2) == 2  # never more than m
+    # Interleaved, P 4, V 2, m 8: (V-1)P + 2(P-1) + 1 = 4 + 6 + 1 = 11 chunks of l/8 layers on the first rank,
+    # = 5.5 stage-shares = P (1 + (P-1)/(P V)) = 4 x 11/8 (Korthikanti et al. 2022); 4 + 0 + 1 on the last.
+    assert pipeline.in_flight_chunks("interleaved_1f1b", 4, 2, 8, rank=0) == 11
+    assert pipeline.in_flight_chunks("interleaved_1f1b", 4, 2, 8, rank=3) == 5
+    assert pipeline.in_flight_chunks("interleaved_1f1b", 4, 2, 4, rank=0) == 8  # capped at m V
+    assert pipeline.in_flight_chunks("1f1b", 1, 1, 16) == 1  # no pipeline: gradient accumulation
+    with pytest.raises(ValueError, match="zigzag"):
+        pipeline.in_flight_chunks("zigzag", 2, 1, 2)
+
+
+def test_bubble_and_stage_parameters() -> None:
+    assert pipeline.step_factor(4, 2, 8) == pytest.approx(1 + 3 / 16)  # (P-1)/(V m)
+    assert pipeline.step_factor(1, 1, 8) == 1.0
+    # 8 layers of 100, P 4: the first stage adds the word table (1000) and the position table (50), the last the
+    # final norm (10) and its own copy of the tied word table; middle stages only their 2 layers.
+    stage = [pipeline.stage_params(100, 8, 4, 1000, 50, 10, r) for r in range(4)]
+    assert stage == [1250, 200, 200, 1210]
+    assert pipeline.stage_params(100, 8, 1, 1000, 50, 10, 0) == 1860  # no pipeline: one word table
+
+
+def test_point_to_point_and_tied_embedding() -> None:
+    # b 2, s 1024, h 4096, fp16: 16 MiB per hop; SC'21's scatter/gather (or sequence parallelism) 1/8 per rank.
+    assert pipeline.p2p_bytes(2, 1024, 4096, 2, 8, False, False) == 16_777_216
+    assert pipeline.p2p_bytes(2, 1024, 4096, 2, 8, True, False) == 2_097_152
+    assert pipeline.p2p_bytes(2, 1024, 4096, 2, 8, False, True) == 2_097_152
+    # One HDR NIC per A100 (25 GB/s) and NCCL's network latency, 6.6 us.
+    assert pipeline.p2p_time(2_097_152, 25.0, 6.6) == pytest.approx(6.6e-6 + 2_097_152 / 25e9)
+    # Blocking sends: 2 V hops per micro-batch slot, m + (P-1)/V slots: 2 x 2 x 1e-4 x (8 + 3/2).
+    assert pipeline.p2p_exposed_time(1e-4, 4, 2, 8) == pytest.approx(3.8e-3)
+    assert pipeline.p2p_exposed_time(1e-4, 1, 1, 8) == 0.0
+    assert pipeline.tied_embedding_allreduce_bytes(51_200, 4096, 8, 2) == 6_400 * 4096 * 2
+
+
+# ---- sequence-parallel terms, by hand ------------------------------------------------------------------------
+
+
+def test_sequence_parallel_activations_match_korthikanti() -> None:
+    """§4.2.2: sbh (34/t + 5as/(ht)) bytes per layer at 16 bits with dropout; s 2048, b 1, h 4096, a 32, t 8:
+    5as/h = 80, so 114/8 sbh = 119,537,664 bytes, against tensor parallelism alone's sbh (10 + 24/t + 5as/(ht))."""
+    sbh = 2048 * 4096
+    full = memory.activation_bytes_per_layer(2048, 1, 4096, 32, 1, 2, True, False)
+    assert full == sbh * (34 + 80)
+    assert pipeline.sequence_parallel_activation_bytes_per_layer(full, 8) == 119_537_664 == sbh * 114 // 8
+    assert memory.activation_bytes_per_layer(2048, 1, 4096, 32, 8, 2, True, False) == sbh * (10 + 24 // 8 + 10)
+
+
+def test_sequence_parallel_collectives_same_bytes_twice_the_launches() -> None:
+    S, n, bw, step, base = 8_000_000, 8, 240.0, 5.7, 8.4
+    rs = perf.reduce_scatter_time(S, n, bw, step, base)
+    assert rs == pytest.approx((base + 7 * step) * 1e-6 + 7 / 8 * S / 240e9)
+    colls = perf.tensor_parallel_collectives(2, 1, 2048, 4096, 2, False)
+    ar = perf.collectives_time(colls, n, bw, step, base)
+    sp = perf.collectives_time(colls, n, bw, step, base, sequence_parallel=True)
+    count = sum(c.count for c in colls)
+    # Same bandwidth term; each all-reduce's 2(n-1) steps + 1 launch become 2 x ((n-1) steps + 1 launch).
+    assert sp - ar == pytest.approx(count * base * 1e-6)
+
+
+# ---- the planner with a pipeline ---------------------------------------------------------------------------
+
+
+def test_stage_memory_equals_memory_per_device_without_pipeline() -> None:
+    cfg = plan_config(*PAPER_8_3B_512)
+    rank = sizing.size_rank(cfg.model, 51_200, 8)
+    args = (cfg.model, rank, cfg.optimizer, 8, 8, 64, "fp16", True, False)
+    assert sizing.stage_memory_per_device(*args, 1, 1, "1f1b", 1, False) == sizing.memory_per_device(*args)
+
+
+def test_pipeline_plan_by_hand() -> None:
+    """8.3B (72 layers), tensor 8 x data 2 x pipeline 4 on DGX A100s, b 8, global 128: m = 8, 1F1B.
+    Memory: the first stage holds 18 layers' inputs (recompute: e·sbh) for P = 4 micro-batches, plus their
+    embedding-dropout masks. Time: the bubble is (compute + tensor-parallel) x 3/8; each hop crosses nodes
+    (a stage's 16 ranks fill two nodes) at 200/8 GB/s, b·s·h fp16 per rank (mtlm sends no scatter/gather)."""
+    plan = make_plan(plan_config(*PAPER_8_3B_512[:-1], "cluster=dgx_a100", "parallel.data=2",
+                                 "parallel.pipeline=4", "trainer.global_batch_size=128"))
+    sbh = 8 * 1024 * 3072
+    assert plan["devices"] == 64 and plan["micro_batches"] == 8
+    assert plan["memory_parts_gb"]["activations"] * 2**30 == 4 * 18 * 2 * sbh + 4 * sbh
+    parts = plan["step_time_parts_s"]
+    assert parts["pipeline_bubble"] == pytest.approx((parts["compute"] + parts["tensor_parallel"]) * 3 / 8)
+    hop = 6.6e-6 + 2 * sbh / 25e9
+    assert plan["p2p_bytes_per_hop"] == 2 * sbh and plan["p2p_across_nodes"]
+    assert parts["pipeline_p2p"] == pytest.approx(2 * hop * (8 + 3))
+    # The tied word table's fp32 gradient (6,400 x 3,072 per tensor rank) summed over first and last stage.
+    assert parts["tied_embedding"] == pytest.approx((8.4 + 2 * 6.6) * 1e-6 + 6_400 * 3_072 * 4 / 25e9)
+    # Parameters of the first stage: 18 layers + the word and position tables.
+    layer = (12 * 3072**2 + 7 * 3072) // 8 + 6 * 3072
+    assert plan["params_per_device"] == 18 * layer + 6_400 * 3_072 + 1_024 * 3_072
+    assert plan["step_time_s"] == pytest.approx(sum(parts.values()))

@@ -56,19 +56,21 @@ def table(plan: dict[str, Any]) -> str:
     gb, parts, cal = plan["memory_parts_gb"], plan["step_time_parts_s"], plan["calibration"]
     fit = "fits" if plan["fits"] else f"DOES NOT FIT by {-plan['memory_margin_gb']:.2f} GB"
     rows = [
-        ("config", f"{plan['model']} ({plan['family']}), tensor {plan['tensor']} x data {plan['data']} = "
+        ("config", f"{plan['model']} ({plan['family']}), tensor {plan['tensor']} x data {plan['data']} x pipeline "
+                   f"{plan.get('pipeline', 1)} = "
                    f"{plan['devices']} devices, {plan['precision']}, recompute {plan['recompute']}, "
                    f"{plan['optimizer'].rsplit('.', 1)[-1]}{' (ZeRO-1)' if plan['shard_optimizer'] else ''}"),
         ("cluster", f"{plan['cluster']} ({plan['device']})"),
-        ("parameters", f"{plan['params_total']:,} total, {plan['params_per_rank']:,} per rank"),
+        ("parameters", f"{plan['params_total']:,} total, {plan['params_per_rank']:,} per tensor rank"
+                       + (f", {plan['params_per_device']:,} on the largest pipeline stage" if plan['pipeline'] > 1
+                          else "")),
         ("vocabulary", f"{plan['vocab_size']:,} ({plan.get('vocab_source', 'model.vocab_size')}), padded to "
                        f"{plan['padded_vocab_size']:,}"),
         ("memory / device", f"{plan['memory_per_device_gb']:.2f} GB of {plan['device_memory_gb']:.1f} ({fit}): "
                             f"params {gb['params']:.2f}, grads {gb['grads']:.2f}, optimizer {gb['optimizer']:.2f}, "
                             f"activations {gb['activations']:.2f}"),
-        ("step time", f"{plan['step_time_s'] * 1e3:,.1f} ms: compute {parts['compute'] * 1e3:,.1f}, tensor-parallel "
-                      f"{parts['tensor_parallel'] * 1e3:,.1f}, data-parallel exposed "
-                      f"{parts['data_parallel_exposed'] * 1e3:,.1f}"),
+        ("step time", f"{plan['step_time_s'] * 1e3:,.1f} ms: " + ", ".join(
+            f"{k.replace('_', ' ')} {v * 1e3:,.1f}" for k, v in parts.items() if v or k == "compute")),
         ("throughput", f"{plan['tflops_per_device']:.4g} TFLOP/s per device, {plan['pflops']:.4g} PFLOP/s, "
                        f"{plan['tokens_per_s']:,.0f} tokens/s, MFU {100 * plan['mfu']:.1f}%"),
         ("vs calibration", f"{100 * plan['efficiency_vs_calibration']:.1f}% of {cal['tflops_per_device']:.4g} "

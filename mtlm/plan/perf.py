@@ -68,10 +68,25 @@ def tensor_parallel_collectives(layers: int, micro_batch: int, seq: int, hidden:
 
 
 def collectives_time(collectives: list[Collective], ranks: int, bw_gbps: float, step_latency_us: float,
-                     base_latency_us: float, phases: tuple[str, ...] = ("forward", "recompute", "backward")
-                     ) -> float:
+                     base_latency_us: float, phases: tuple[str, ...] = ("forward", "recompute", "backward"),
+                     sequence_parallel: bool = False) -> float:
+    """Their time in a ring. Under sequence parallelism (Korthikanti et al. 2022 §4.2.2) each all-reduce is a
+    reduce-scatter plus an all-gather: the same bytes, twice the launches (counted for every collective, the
+    loss's small ones included)."""
+    if sequence_parallel:
+        return sum(2 * c.count * reduce_scatter_time(c.nbytes, ranks, bw_gbps, step_latency_us, base_latency_us)
+                   for c in collectives if c.phase in phases)
     return sum(c.count * ring_allreduce_time(c.nbytes, ranks, bw_gbps, step_latency_us, base_latency_us)
                for c in collectives if c.phase in phases)
+
+
+def reduce_scatter_time(nbytes: float, ranks: int, bw_gbps: float, step_latency_us: float,
+                        base_latency_us: float) -> float:
+    """A ring reduce-scatter (or all-gather) of an `nbytes` tensor: (n-1) steps of S/n bytes, half a ring
+    all-reduce's bytes and steps, one launch."""
+    if ranks <= 1:
+        return 0.0
+    return (base_latency_us + (ranks - 1) * step_latency_us) * 1e-6 + (ranks - 1) / ranks * nbytes / (bw_gbps * 1e9)
 
 
 def collectives_bytes(collectives: list[Collective], ranks: int) -> float:

@@ -14,7 +14,7 @@ from mtlm.data.build import build_data
 from mtlm.errors import ConfigError
 from mtlm.metrics import flops
 from mtlm.parallel.state import Grid
-from mtlm.plan import perf, probe, sizing
+from mtlm.plan import perf, pipeline, probe, sizing
 from mtlm.train.objective import objective_for
 
 GB = 2**30  # GiB, as GPU memory sizes are quoted
@@ -119,12 +119,6 @@ def calibration_eta(cfg: Any, cluster: dict[str, Any]) -> tuple[float, dict[str,
 
 def check_layout(cfg: Any, cluster: dict[str, Any]) -> None:
     grid = Grid.of(cfg.parallel)
-    # The memory and time model here is tensor x data only (pipeline and sequence parallelism: issue 22's
-    # companion, "The planner for three axes"): a plan for them would be silently wrong.
-    for key, off in (("sequence", False), ("pipeline", 1)):
-        if cfg.parallel.get(key, off) != off:
-            raise ConfigError(f"parallel.{key}", "python -m mtlm.plan does not model it yet; plan with "
-                              f"parallel.{key}={str(off).lower()}")
     if grid.world > cluster["devices"]:
         raise ConfigError("parallel.data", f"{grid.describe()} devices, but cluster "
                           f"{cluster['name']} has {cluster['devices']} ({cluster['nodes']} node(s) x "
@@ -148,8 +142,16 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     rank = sizing.size_rank(m, vocab, p.tensor)
     gpt = objective_for(m).__class__.__name__ == "CausalLM"  # the analytic count is GPT-2's
     analytic = sizing.analytic_params_per_rank(m, rank.padded_vocab_size, p.tensor) if gpt else None
-    mem = sizing.memory_per_device(m, rank, cfg.optimizer, t.micro_batch_size, p.tensor, p.data, dtype, recompute,
-                                   t.shard_optimizer)
+    grid = Grid.of(p)
+    stages, virtual = grid.pipeline, int(p.get("virtual_stages", 1) or 1)
+    schedule, sp = str(p.get("schedule", "1f1b")), bool(p.get("sequence", False))
+    micro_steps = t.global_batch_size // (t.micro_batch_size * p.data)  # m: per pipeline, per step
+    if stages > 1 or sp:
+        mem = sizing.stage_memory_per_device(m, rank, cfg.optimizer, t.micro_batch_size, p.tensor, p.data, dtype,
+                                             recompute, t.shard_optimizer, stages, virtual, schedule, micro_steps, sp)
+    else:
+        mem = sizing.memory_per_device(m, rank, cfg.optimizer, t.micro_batch_size, p.tensor, p.data, dtype,
+                                       recompute, t.shard_optimizer)
     total_gb = sum(mem.values()) / GB
     capacity = cluster["device_memory_gb"]
 
@@ -158,31 +160,32 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     threads = threads_per_device(cfg, cluster)
     peak = cluster["peak_tflops"][dtype] * threads
     model_flops, hw_flops = objective_for(m).flops(m, t.global_batch_size, rank.padded_vocab_size, recompute)
-    devices = Grid.of(p).world
-    micro_steps = t.global_batch_size // (t.micro_batch_size * p.data)
+    devices = grid.world
+    layers_here = m.num_layers // stages  # a pipeline rank runs its l/P layers (all its chunks)
     # Attention dropout beyond its FLOPs: every forward draws the masks, a recompute draws them again.
-    scores = perf.attention_scores(m.num_layers, t.micro_batch_size, m.num_attention_heads // p.tensor, m.seq_length)
+    scores = perf.attention_scores(layers_here, t.micro_batch_size, m.num_attention_heads // p.tensor, m.seq_length)
     dropout_s = micro_steps * perf.attention_dropout_time(scores, cluster["attention_dropout_ns_per_score"],
                                                           2 if recompute else 1) if m.dropout > 0 else 0.0
     compute_s = perf.compute_time(hw_flops / devices, peak, eta) + dropout_s
 
     # Tensor-parallel all-reduces: micro-batches per step x one micro-batch's collectives, inside a node.
-    colls = perf.tensor_parallel_collectives(m.num_layers, t.micro_batch_size, m.seq_length, m.hidden_size,
+    colls = perf.tensor_parallel_collectives(layers_here, t.micro_batch_size, m.seq_length, m.hidden_size,
                                              sizing.compute_bytes(dtype), recompute)
     intra = (cluster["intra_node_bw_gbps"], cluster["intra_node_step_latency_us"],
              cluster["collective_base_latency_us"])
     if p.tensor > cluster["devices_per_node"]:  # the paper keeps a tensor group inside one server (Fig. 8)
         intra = (cluster["inter_node_bw_gbps"] / cluster["devices_per_node"], cluster["inter_node_step_latency_us"],
                  cluster["collective_base_latency_us"])
-    tp_s = micro_steps * perf.collectives_time(colls, p.tensor, *intra)
-    tp_bwd_s = perf.collectives_time(colls, p.tensor, *intra, phases=("recompute", "backward"))
+    tp_s = micro_steps * perf.collectives_time(colls, p.tensor, *intra, sequence_parallel=sp)
+    tp_bwd_s = perf.collectives_time(colls, p.tensor, *intra, phases=("recompute", "backward"), sequence_parallel=sp)
 
     # Data-parallel. mtlm (overlapped): DDP all-reduces the fp32 gradients in buckets during the last
     # micro-batch's backward. The 2019 Megatron-LM code (after_backward): one flattened buffer per dtype
     # after backward, in the model's dtype (fp16 gradients under fp16), nothing hidden.
     after = cfg.cluster.get("grad_allreduce", "overlapped") == "after_backward"
-    grad_bytes = sizing.compute_bytes(dtype) * rank.params_per_rank if after else mem["grads"]
-    spans_nodes = devices > cluster["devices_per_node"]
+    grad_value_bytes = sizing.compute_bytes(dtype) if after else sizing.STATE_BYTES
+    grad_bytes = grad_value_bytes * mem["grads"] // sizing.STATE_BYTES
+    spans_nodes = p.tensor * p.data > cluster["devices_per_node"]
     if spans_nodes:  # the node's network is shared by the data-parallel groups with members on it (one per
         # tensor rank, Fig. 8); each ring crosses a node boundary once per channel, so one group alone gets all of it
         groups = min(p.tensor, cluster["devices_per_node"])
@@ -193,9 +196,26 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     dp_s = perf.ring_allreduce_time(grad_bytes, p.data, *dp_link)
     backward_s = compute_s / micro_steps * perf.backward_fraction(model_flops, hw_flops) + tp_bwd_s
     bucket = cfg.plan.ddp_bucket_mb * 1024 * 1024
-    dp_exposed_s = (dp_s if after else perf.exposed_data_parallel_time(grad_bytes, bucket, dp_s, backward_s))
+    # With a pipeline mtlm (and SC'21's code) all-reduces after the schedule: nothing hidden.
+    dp_exposed_s = (dp_s if after or stages > 1 else
+                    perf.exposed_data_parallel_time(grad_bytes, bucket, dp_s, backward_s))
 
-    step_s = compute_s + tp_s + dp_exposed_s
+    # Pipeline: the bubble stretches the busy time, blocking sends between stages (over the network when a
+    # stage's t x d ranks fill a node, as the rank order puts stages outermost), the tied embedding's sum.
+    bubble_s = (compute_s + tp_s) * (pipeline.step_factor(stages, virtual, micro_steps) - 1)
+    across = p.tensor * p.data >= cluster["devices_per_node"]
+    hop_link = ((cluster["inter_node_bw_gbps"] / cluster["devices_per_node"], cluster["inter_node_step_latency_us"])
+                if across else intra[:2])
+    hop_bytes = pipeline.p2p_bytes(t.micro_batch_size, m.seq_length, m.hidden_size, sizing.compute_bytes(dtype),
+                                   p.tensor, bool(cfg.cluster.get("p2p_scatter_gather", False)), sp)
+    hop_s = pipeline.p2p_time(hop_bytes, *hop_link) if stages > 1 else 0.0
+    p2p_s = pipeline.p2p_exposed_time(hop_s, stages, virtual, micro_steps)
+    tied_bytes = (pipeline.tied_embedding_allreduce_bytes(rank.padded_vocab_size, m.hidden_size, p.tensor,
+                                                          grad_value_bytes) if stages > 1 else 0.0)
+    tied_s = (perf.ring_allreduce_time(tied_bytes, 2, *hop_link, cluster["collective_base_latency_us"])
+              if stages > 1 else 0.0)
+
+    step_s = compute_s + tp_s + bubble_s + p2p_s + tied_s + dp_exposed_s
     tflops = flops.tflops_per_device(model_flops, step_s, devices)
     tokens = t.global_batch_size * m.seq_length
     plan = {
@@ -208,12 +228,18 @@ def make_plan(cfg: Any) -> dict[str, Any]:
         "num_attention_heads": m.num_attention_heads, "threads_per_device": threads,
         "vocab_size": vocab, "vocab_source": vocab_source, "padded_vocab_size": rank.padded_vocab_size,
         "params_total": rank.params_total, "params_per_rank": rank.params_per_rank,
+        "params_per_device": mem["params"] // sizing.STATE_BYTES,  # the most loaded pipeline stage's share
         "params_per_rank_analytic": analytic,
         "memory_per_device_gb": total_gb, "memory_parts_gb": {k: v / GB for k, v in mem.items()},
         "device_memory_gb": capacity, "fits": total_gb <= capacity,
         "memory_margin_gb": capacity - total_gb,
         "step_time_s": step_s,
-        "step_time_parts_s": {"compute": compute_s, "tensor_parallel": tp_s, "data_parallel_exposed": dp_exposed_s},
+        "step_time_parts_s": {"compute": compute_s, "tensor_parallel": tp_s, "pipeline_bubble": bubble_s,
+                              "pipeline_p2p": p2p_s, "tied_embedding": tied_s,
+                              "data_parallel_exposed": dp_exposed_s},
+        "pipeline": stages, "virtual_stages": virtual, "schedule": schedule, "sequence_parallel": sp,
+        "micro_batches": micro_steps, "bubble_fraction": pipeline.step_factor(stages, virtual, micro_steps) - 1,
+        "p2p_bytes_per_hop": hop_bytes if stages > 1 else 0.0, "p2p_across_nodes": across and stages > 1,
         "attention_dropout_s": dropout_s,  # inside "compute"
         "data_parallel_allreduce_s": dp_s, "backward_s": backward_s,
         "tensor_parallel_bytes_per_step": micro_steps * perf.collectives_bytes(colls, p.tensor),

@@ -8,7 +8,7 @@ family (GPT, BERT), and is cross-checked against the analytic count of mtlm/metr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from mtlm.config import model_option
 from mtlm.metrics import memory
 from mtlm.model.build import build_model
 from mtlm.parallel.state import ParallelState
+from mtlm.plan import pipeline
 
 
 def meta_rank_model(model_cfg: Any, vocab_size: int, tensor: int, recompute: bool = False) -> nn.Module:
@@ -33,6 +34,8 @@ class RankSizing:
     params_total: int  # all tensor ranks together, replicated tensors once (padded vocabulary included)
     padded_vocab_size: int
     param_shapes: list[tuple[int, ...]]
+    # Parameters of the rank by top-level module (GPT: blocks, wte, wpe, ln_emb, ln_f): what a pipeline stage holds.
+    param_groups: dict[str, int] = field(default_factory=dict)
 
 
 def size_rank(model_cfg: Any, vocab_size: int, tensor: int) -> RankSizing:
@@ -40,7 +43,10 @@ def size_rank(model_cfg: Any, vocab_size: int, tensor: int) -> RankSizing:
     params = list(model.parameters())
     per_rank = sum(p.numel() for p in params)
     total = sum(p.numel() * (tensor if getattr(p, "partition_dim", None) is not None else 1) for p in params)
-    return RankSizing(per_rank, total, model.padded_vocab_size, [tuple(p.shape) for p in params])
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        groups[name.split(".")[0]] = groups.get(name.split(".")[0], 0) + p.numel()
+    return RankSizing(per_rank, total, model.padded_vocab_size, [tuple(p.shape) for p in params], groups)
 
 
 def analytic_params_per_rank(model_cfg: Any, padded_vocab: int, tensor: int) -> int:
@@ -119,3 +125,48 @@ def memory_per_device(model_cfg: Any, sizing: RankSizing, optimizer_cfg: Any, mi
                                    compute_bytes(dtype), model_cfg.dropout > 0, recompute)
     return {"params": STATE_BYTES * sizing.params_per_rank, "grads": STATE_BYTES * sizing.params_per_rank,
             "optimizer": state, "activations": acts}
+
+
+def stage_memory_per_device(model_cfg: Any, sizing: RankSizing, optimizer_cfg: Any, micro_batch: int, tensor: int,
+                            data: int, dtype: str, recompute: bool, shard_optimizer: bool, stages: int, virtual: int,
+                            schedule: str, micro_batches: int, sequence: bool) -> dict[str, int]:
+    """memory_per_device's four parts for the most loaded pipeline rank, with sequence parallelism.
+
+    The first rank holds the embedding and the most micro-batches in flight (pipeline.in_flight_chunks), the
+    last the final norm, its copy of the tied embedding and the head's activations (the fused cross-entropy's
+    fp32 softmax over V/t; all m of them under GPipe, one otherwise); the larger total is returned. Optimizer
+    state is the rank's exact count scaled to the stage's parameters. With sequence parallelism every
+    activation of a layer, and the stream at the ends, is split t ways (Korthikanti et al. 2022 §4.2.2).
+    At stages = 1 without sequence parallelism this equals memory_per_device (tested).
+    """
+    g, layers = sizing.param_groups, model_cfg.num_layers
+    layer_params = g.get("blocks", 0) // layers
+    word = g.get("wte", 0)
+    first = sum(v for k, v in g.items() if k not in ("blocks", "wte", "ln_f"))
+    kind = optimizer_kind(optimizer_cfg._target_)
+    state_all = optimizer_state_bytes(kind, sizing.param_shapes, float(getattr(optimizer_cfg, "momentum", 0) or 0))
+    e, dropout = compute_bytes(dtype), model_cfg.dropout > 0
+    s, b, h = model_cfg.seq_length, micro_batch, model_cfg.hidden_size
+    sbh, split = s * b * h, tensor if sequence else 1
+    args = (s, b, h, model_cfg.num_attention_heads)
+    per_layer = (pipeline.sequence_parallel_activation_bytes_per_layer(
+        memory.activation_bytes_per_layer(*args, 1, e, dropout, recompute), tensor) if sequence
+        else memory.activation_bytes_per_layer(*args, tensor, e, dropout, recompute))
+    best: dict[str, int] = {}
+    for stage in sorted({0, stages - 1}):
+        params = pipeline.stage_params(layer_params, layers, stages, word, first, g.get("ln_f", 0), stage)
+        chunks = pipeline.in_flight_chunks(schedule, stages, virtual, micro_batches, stage)
+        acts = chunks * (layers // (stages * virtual)) * per_layer
+        if stage == 0 and dropout:  # the embedding-dropout mask of each micro-batch in flight
+            acts += -(-chunks // virtual) * sbh // split
+        if stage == stages - 1:  # final norm and output GEMM inputs, the fp32 softmax over V/t
+            heads = micro_batches if (schedule == "gpipe" and stages > 1) else 1
+            acts += heads * (2 * e * sbh // split + 4 * s * b * sizing.padded_vocab_size // tensor)
+        state = state_all * params // sizing.params_per_rank
+        if shard_optimizer and data > 1:
+            state = math.ceil(state / data)
+        parts = {"params": STATE_BYTES * params, "grads": STATE_BYTES * params, "optimizer": state,
+                 "activations": acts}
+        if sum(parts.values()) > sum(best.values()):
+            best = parts
+    return best
