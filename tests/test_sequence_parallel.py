@@ -11,6 +11,7 @@ import torch.distributed as dist
 from mtlm.errors import ConfigError
 from mtlm.parallel import ParallelState
 from mtlm.parallel.sequence_gather import gather_from_sequence_region
+from mtlm.parallel.sequence_linear import gather_linear
 from mtlm.parallel.sequence_scatter import reduce_scatter_to_sequence_region
 from mtlm.parallel.sequence_split import split_to_sequence_region
 from mtlm.train.loop import Trainer
@@ -47,6 +48,18 @@ def _primitives(state: ParallelState) -> dict:
     y = split_to_sequence_region(x, g)
     y.backward(chunk_grads[r])
     out["split"] = (y.detach(), full.chunk(t, dim=1)[r], x.grad, torch.cat(chunk_grads, dim=1))
+    # gather + column-parallel GEMM that keeps only its chunk: the dense GEMM on the whole sequence.
+    weights = [_rand(40 + k, 5, H) for k in range(t)]  # rank k's rows of the full [5t, H] weight
+    w, bias = weights[r].clone().requires_grad_(), _rand(50 + r, 5).requires_grad_()
+    x = full.chunk(t, dim=1)[r].clone().requires_grad_()
+    y = gather_linear(x, w, bias, g)
+    out_grads = [_rand(60 + k, B, S, 5) for k in range(t)]
+    y.backward(out_grads[r])
+    dense_x = full.clone().requires_grad_()
+    sum(torch.nn.functional.linear(dense_x, weights[k]) * out_grads[k] for k in range(t)).sum().backward()
+    want_w = out_grads[r].reshape(-1, 5).t() @ full.reshape(-1, H)
+    out["linear"] = (y.detach(), torch.nn.functional.linear(full, weights[r], bias.detach()), x.grad,
+                     dense_x.grad.chunk(t, dim=1)[r], w.grad, want_w, bias.grad, out_grads[r].sum((0, 1)))
     return out
 
 
@@ -62,6 +75,9 @@ def test_sequence_primitives_equal_their_dense_equivalents() -> None:
         assert y.shape == (B, S // 2, H)
         torch.testing.assert_close(y, want, rtol=0, atol=0)
         torch.testing.assert_close(x_grad, want_grad, rtol=0, atol=0)
+        got, want = res["linear"][0::2], res["linear"][1::2]
+        for part, a, b in zip(("output", "input grad", "weight grad", "bias grad"), got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"rank {rank} gather_linear {part}")
 
 
 # Three variants, each trained 10 steps: plain GPT, with activation checkpointing, and BLOOM-style (ALiBi and an

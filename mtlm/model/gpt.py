@@ -36,7 +36,7 @@ from mtlm.model.transformer import (  # noqa: F401  (Attention, MLP, unfused_att
 from mtlm.parallel.checkpoint import checkpoint_block
 from mtlm.parallel.cross_entropy import mask_padded_logits_, vocab_parallel_cross_entropy
 from mtlm.parallel.mappings import copy_to_tensor_region
-from mtlm.parallel.sequence_gather import gather_from_sequence_region
+from mtlm.parallel.sequence_linear import gather_linear
 from mtlm.parallel.sequence_split import split_to_sequence_region
 from mtlm.parallel.state import ParallelState
 
@@ -111,8 +111,10 @@ class GPT(VocabParallelLM):
         by vocabulary (this rank's [b, s, padded_vocab/t], padded entries -inf)."""
         if self.ln_f is not None:
             x = self.ln_f(x)
-        enter = gather_from_sequence_region if sequence_parallel else copy_to_tensor_region
-        logits = F.linear(enter(x, self.state.tp_group), self.wte.weight)
+        if sequence_parallel:  # all-gather the sequence for the GEMM, keeping this rank's chunk for backward
+            logits = gather_linear(x, self.wte.weight, None, self.state.tp_group)
+        else:
+            logits = F.linear(copy_to_tensor_region(x, self.state.tp_group), self.wte.weight)
         mask_padded_logits_(logits, self.wte.vocab_start, self.vocab_size)
         return logits
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlm.parallel.mappings import copy_to_tensor_region, reduce_from_tensor_region
-from mtlm.parallel.sequence_gather import gather_from_sequence_region
+from mtlm.parallel.sequence_linear import gather_linear
 from mtlm.parallel.sequence_scatter import reduce_scatter_to_sequence_region
 from mtlm.parallel.state import ParallelState
 
@@ -69,12 +69,14 @@ class ColumnParallelLinear(nn.Module):
         if out_features % state.tensor:
             raise ValueError(f"out_features {out_features} not divisible by tensor degree {state.tensor}")
         self.group = state.tp_group
-        self.enter = gather_from_sequence_region if sequence_parallel else copy_to_tensor_region
+        self.sequence_parallel = sequence_parallel and self.group is not None
         self.weight = _param((out_features // state.tensor, in_features), 0, device, dtype)
         self.bias = _param((out_features // state.tensor,), 0, device, dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.enter(x, self.group), self.weight, self.bias)
+        if self.sequence_parallel:  # all-gather along the sequence, keeping only this rank's chunk for backward
+            return gather_linear(x, self.weight, self.bias, self.group)
+        return F.linear(copy_to_tensor_region(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
