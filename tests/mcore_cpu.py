@@ -65,8 +65,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def mcore_world(monkeypatch: pytest.MonkeyPatch, tensor: int = 1, rank: int = 0):
-    """megatron-core's parallel state over gloo (one rank unless run under the tests' multi-process helper)."""
+def mcore_world(monkeypatch: pytest.MonkeyPatch, tensor: int = 1, pipeline: int = 1):
+    """megatron-core's parallel state over gloo (one rank unless run under the tests' multi-process helper,
+    tests/distributed.py, whose process group it then joins)."""
     warnings.filterwarnings("ignore", message=".*Apex.*")
     monkeypatch.setattr(fused_softmax, "get_default_causal_mask",
                         lambda sq: torch.triu(torch.ones(sq, sq), diagonal=1).bool())
@@ -84,7 +85,7 @@ def mcore_world(monkeypatch: pytest.MonkeyPatch, tensor: int = 1, rank: int = 0)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor, 1)
+    parallel_state.initialize_model_parallel(tensor, pipeline)
     try:
         yield
     finally:
@@ -98,7 +99,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def mcore_gpt(layers: int, hidden: int, heads: int, vocab: int, positions: int, eps: float = 1e-5,
-              activation: str = "gelu_tanh", tied: bool = True):
+              activation: str = "gelu_tanh", tied: bool = True, tensor: int = 1, pipeline: int = 1):
     """megatron-core's GPTModel, local layer spec, learned absolute positions, dropout 0, fp32.
 
     Megatron-LM's GPT-2 GeLU is the tanh approximation (its fused bias-GeLU); exact GeLU is F.gelu."""
@@ -111,6 +112,9 @@ def mcore_gpt(layers: int, hidden: int, heads: int, vocab: int, positions: int, 
         hidden_dropout=0.0, attention_dropout=0.0, layernorm_epsilon=eps,
         activation_func=gelu_tanh if activation == "gelu_tanh" else F.gelu, bias_activation_fusion=False,
         masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False)
+        gradient_accumulation_fusion=False, tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+        pipeline_dtype=torch.float32)
     return GPTModel(config, get_gpt_layer_local_spec(), vocab_size=vocab, max_sequence_length=positions,
-                    position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tied).eval()
+                    position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tied,
+                    pre_process=parallel_state.is_pipeline_first_stage(),
+                    post_process=parallel_state.is_pipeline_last_stage()).eval()
