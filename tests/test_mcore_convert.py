@@ -220,3 +220,22 @@ def test_architectures_mtlm_lacks_are_refused(tmp_path: Path, capsys, key: str, 
     err = capsys.readouterr().err
     assert err.startswith("checkpoint error:") and f"args.{key}=" in err
     assert "cannot represent" in err or "needs" in err
+
+
+def test_tokenizer_travels_through_to_mcore_and_back(tmp_path: Path, capsys) -> None:
+    """to-mcore copies the checkpoint's tokenizer beside the files and names it in args, as to-megatron does;
+    from-mcore records it again (the same file, by content), even after the folder moved."""
+    from tests.eval_helpers import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path)
+    meta_before = read_metadata(ckpt / "step_00000007")
+    assert main(["to-mcore", str(ckpt), str(tmp_path / "mc")]) == 0
+    moved = tmp_path / "moved"
+    (tmp_path / "mc").rename(moved)
+    capsys.readouterr()
+    assert main(["from-mcore", str(moved), str(tmp_path / "back")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    meta = read_metadata(tmp_path / "back" / "step_00000000")
+    assert meta["tokenizer"]["sha256"] == meta_before["tokenizer"]["sha256"]
+    assert meta["tokenizer"]["path"] == str(moved / "tokenizer" / "tok.model")
+    assert meta["model"]["vocab_size"] == meta_before["model"]["vocab_size"]

@@ -31,6 +31,7 @@ from mtlm.convert.mcore_names import GLOBAL, LAYER, OUTPUT_LAYER, mtlm_name
 from mtlm.convert.megatron import GPT_TARGET, _activation, _check_args, _real_vocab
 from mtlm.convert.megatron_export import megatron_args
 from mtlm.convert.megatron_files import TRACKER
+from mtlm.convert.megatron_tokenizer import export_tokenizer, import_tokenizer
 from mtlm.convert.pickles import load_common, load_dcp_metadata
 from mtlm.convert.writer import read_checkpoint, tokenizer_metadata, write_checkpoint
 from mtlm.parallel.layers import pad_vocab_size
@@ -145,6 +146,8 @@ def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer:
     if args is None:
         raise CheckpointError(f"{folder / 'common.pt'}: no args: the model's shape is unknown")
     _check_args(args, label)
+    if tokenizer is None:  # none given: the one its args name (to-mcore writes it beside the files)
+        tokenizer = import_tokenizer(args, folder, label)
     full = _to_mtlm(tensors, label)
     for needed in ("wte.weight", "wpe.weight", "ln_f.weight"):
         if needed not in full:
@@ -198,6 +201,7 @@ def to_mcore(checkpoint: str | Path, out_dir: str | Path) -> Path:
         dcp.save(state, storage_writer=FileSystemWriter(str(folder)), no_dist=True,
                  planner=DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
     args = megatron_args(model, 1, padded, meta.get("tokenizer"))
+    vars(args).update(export_tokenizer(meta.get("tokenizer"), out, str(checkpoint)))  # files beside, named in args
     for key, value in {"position_embedding_type": "learned_absolute", "normalization": "LayerNorm",
                        "untie_embeddings_and_output_weights": False, "add_bias_linear": True, "swiglu": False,
                        "group_query_attention": False, "ckpt_format": "torch_dist"}.items():
