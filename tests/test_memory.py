@@ -100,6 +100,9 @@ def test_analytic_prediction_pinned() -> None:
     assert activation_bytes_per_layer(s, b, h, a) == 34 * sbh + 5 * as2b
     assert activation_bytes_per_layer(s, b, h, a, tensor=8) == 10 * sbh + 24 * sbh // 8 + 5 * as2b // 8
     assert activation_bytes_per_layer(s, b, h, a, tensor=8, recompute=True) == 2 * sbh
+    # + sequence parallelism (§4.2.2): sbh(34/t + 5as/(ht)); with full recompute 2sbh/t.
+    assert activation_bytes_per_layer(s, b, h, a, tensor=8, sequence=True) == (34 * sbh + 5 * as2b) // 8
+    assert activation_bytes_per_layer(s, b, h, a, tensor=8, recompute=True, sequence=True) == 2 * sbh // 8
     # fp32, no dropout: 16 values of 4 bytes per sbh, plus the softmax output.
     assert activation_bytes_per_layer(s, b, h, a, bytes_per_value=4, dropout=False) == 64 * sbh + 4 * as2b
     # Parameters per tensor rank, against the model itself (a rank at t=2 can be built without a group).

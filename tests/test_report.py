@@ -256,3 +256,23 @@ def test_report_names_the_pipeline_and_sequence_axes() -> None:
         "2x2 interleaved_1f1b"
     fields = [column for column, _ in report.CSV_FIELDS]
     assert {"pipeline", "virtual_stages", "schedule", "sequence_parallel"} <= set(fields)
+
+
+def test_pipeline_experiment_composes() -> None:
+    """+experiment=pipeline_cpu sweeps the pipeline degree at a fixed model; every point validates."""
+    from hydra import compose, initialize_config_dir
+
+    from mtlm.config import register_configs
+    from mtlm.parallel.state import Grid
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf"), job_name="experiment"):
+        base = compose(config_name="config", overrides=["+experiment=pipeline_cpu"], return_hydra_config=True)
+        assert base.hydra.callbacks.scaling_report._target_ == "mtlm.report.ScalingReportCallback"
+        degrees = [int(p) for p in str(base.hydra.sweeper.params["parallel.pipeline"]).split(",")]
+        cfgs = [compose(config_name="config", overrides=["+experiment=pipeline_cpu", f"parallel.pipeline={p}"])
+                for p in degrees]
+    assert degrees[0] == 1 and len(degrees) > 1
+    for p, cfg in zip(degrees, cfgs, strict=True):
+        validate(cfg, world_size=Grid.of(cfg.parallel).world)
+        assert cfg.parallel.pipeline == p and cfg.model.num_layers == cfgs[0].model.num_layers  # a fixed model

@@ -146,6 +146,62 @@ def bench_memory(extra: list[str]) -> list[dict]:
     return results
 
 
+SEQUENCE_TENSOR = 2  # --sequence: tensor-parallel ranks, with and without sequence parallelism
+
+
+def _sequence_rank(env: RankEnv, runs: list[dict], out: str) -> None:
+    torch.set_num_threads(1)
+    state = ParallelState.initialize(SEQUENCE_TENSOR, 1, env.rank, env.world_size, torch.device("cpu"), "gloo",
+                                     1800.0)
+    rows = []
+    try:
+        for run in runs:
+            state.sequence = run["sequence"]  # the same groups; only where the stream is split changes
+            trainer = Trainer(OmegaConf.create(run["cfg"]), state, None, {})
+            trainer.train_step()
+            rows.append(trainer.memory["activations"])
+            del trainer
+            gc.collect()
+    finally:
+        state.destroy()
+    with open(os.path.join(out, f"rank{env.rank}.json"), "w") as f:
+        json.dump(rows, f)
+
+
+def bench_sequence(extra: list[str]) -> list[dict]:
+    """Activation bytes per rank of one training step at tensor 2, sequence parallelism off and on, with the
+    prediction of memory.py (Korthikanti et al. 2022 §4.2.2: the non-GEMM activations shrink by t)."""
+    runs = []
+    for checkpointing in (False, True):
+        for sequence in (False, True):
+            cfg = compose_config([*MODELS["wide"], f"parallel.tensor={SEQUENCE_TENSOR}",
+                                  f"parallel.sequence={sequence}", f"trainer.micro_batch_size={MICRO_BATCH}",
+                                  f"trainer.global_batch_size={MICRO_BATCH}", "trainer.max_steps=1",
+                                  f"trainer.activation_checkpointing={checkpointing}", *extra])
+            prepare_data(cfg.data, cfg.model.seq_length)
+            vocab = cfg.model.vocab_size or build_data(cfg.data, cfg.model.seq_length, 0).tokenizer.vocab_size
+            m = cfg.model
+            padded = pad_vocab_size(vocab, m.make_vocab_size_divisible_by, SEQUENCE_TENSOR)
+            predicted = activation_bytes(m.num_layers, m.seq_length, MICRO_BATCH, m.hidden_size,
+                                         m.num_attention_heads, padded, SEQUENCE_TENSOR, 4, m.dropout > 0,
+                                         checkpointing, sequence)
+            runs.append({"checkpointing": checkpointing, "sequence": sequence, "predicted": predicted,
+                         "cfg": OmegaConf.to_container(cfg, resolve=True)})
+    with tempfile.TemporaryDirectory() as out:
+        launch(_sequence_rank, SEQUENCE_TENSOR, ([{k: r[k] for k in ("cfg", "sequence")} for r in runs], out))
+        per_rank = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(SEQUENCE_TENSOR)]
+    return [{"checkpointing": r["checkpointing"], "sequence": r["sequence"], "predicted": r["predicted"],
+             "measured": max(rows[i] for rows in per_rank)} for i, r in enumerate(runs)]
+
+
+def format_sequence(rows: list[dict]) -> str:
+    lines = ["| checkpointing | sequence parallel | activations per rank, MiB, measured (predicted) |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {'on' if r['checkpointing'] else 'off'} | {'on' if r['sequence'] else 'off'} "
+                     f"| {r['measured'] / MIB:.2f} ({r['predicted'] / MIB:.2f}) |")
+    return "\n".join(lines)
+
+
 def paper_predictions() -> list[dict]:
     """§5.1's weak-scaling models at their tensor degree, batch 8, seq 1024, fp16 + fp32 masters."""
     rows = []
@@ -203,8 +259,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mtlm.bench.memory", description=__doc__.split("\n")[0])
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--paper-only", action="store_true", help="only the analytic table at the paper's settings")
+    p.add_argument("--sequence", action="store_true",
+                   help="only activation bytes at tensor 2 with and without sequence parallelism")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, key=value")
     args = p.parse_args(argv)
+    if args.sequence:
+        rows = bench_sequence(args.overrides)
+        print(f"The wide model at tensor {SEQUENCE_TENSOR}, micro batch {MICRO_BATCH}, fp32, one step:\n")
+        print(format_sequence(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"sequence": rows}, f, indent=2)
+        return
     results = [] if args.paper_only else bench_memory(args.overrides)
     if results:
         print(f"MiB per device, measured (predicted); data={DATA} ranks, micro batch {MICRO_BATCH}, fp32:\n")

@@ -152,7 +152,8 @@ def model_state_bytes(params: int, param_tensors: int = 0, data: int = 1, shard_
 
 
 def activation_bytes_per_layer(seq: int, batch: int, hidden: int, heads: int, tensor: int = 1,
-                               bytes_per_value: int = 2, dropout: bool = True, recompute: bool = False) -> int:
+                               bytes_per_value: int = 2, dropout: bool = True, recompute: bool = False,
+                               sequence: bool = False) -> int:
     """Activations one transformer layer keeps for backward, per tensor rank (Korthikanti et al. 2022, §4.1).
 
     Values of e bytes: each layer norm's input (2 sbh), the inputs of the qkv and MLP-in GEMMs (2 sbh),
@@ -161,24 +162,26 @@ def activation_bytes_per_layer(seq: int, batch: int, hidden: int, heads: int, te
     attention probabilities (a s^2 b) plus their dropped-out copy (e a s^2 b), and a 1-byte mask after
     attention and after the MLP (2 sbh). With e = 2, dropout and t = 1: 34 sbh + 5 a s^2 b. With
     checkpointing each layer keeps only its input, e sbh; the recompute then holds one layer's full set.
+    With sequence parallelism (§4.2.2) the replicated part is split t ways too: 34 sbh / t + 5 a s^2 b / t.
     """
     e, sbh, as2b = bytes_per_value, seq * batch * hidden, heads * seq * seq * batch
     if recompute:
-        return e * sbh
+        return e * sbh // (tensor if sequence else 1)
     replicated = 4 * e * sbh + (2 * sbh if dropout else 0)
     split = 12 * e * sbh + (e + ((e + 1) if dropout else 0)) * as2b
-    return replicated + split // tensor
+    return (replicated + split) // tensor if sequence else replicated + split // tensor
 
 
 def activation_bytes(num_layers: int, seq: int, batch: int, hidden: int, heads: int, padded_vocab: int,
                      tensor: int = 1, bytes_per_value: int = 2, dropout: bool = True,
-                     recompute: bool = False) -> int:
+                     recompute: bool = False, sequence: bool = False) -> int:
     """The whole model's activations per tensor rank: the layers plus the ends (our derivation).
 
     Ends: the embedding-dropout mask (sbh bytes), the final layer norm's input and the output GEMM's input
     (2 e sbh), and the fused cross-entropy's fp32 softmax over this rank's vocabulary slice (4 s b V/t).
     """
     e, sbh = bytes_per_value, seq * batch * hidden
-    ends = (sbh if dropout else 0) + 2 * e * sbh + 4 * seq * batch * padded_vocab // tensor
-    layer = activation_bytes_per_layer(seq, batch, hidden, heads, tensor, e, dropout, recompute)
+    stream = ((sbh if dropout else 0) + 2 * e * sbh) // (tensor if sequence else 1)  # split with sequence par.
+    ends = stream + 4 * seq * batch * padded_vocab // tensor
+    layer = activation_bytes_per_layer(seq, batch, hidden, heads, tensor, e, dropout, recompute, sequence)
     return num_layers * layer + ends
