@@ -1,6 +1,6 @@
 """Megatron-Core checkpoints across degrees, with megatron-core on 2 gloo ranks: mtlm's export loads into
 megatron-core at tensor degree 2 (logits equal mtlm's) and at pipeline degree 2; what megatron-core saves at
-those degrees imports back to the same tensors and logits."""
+those degrees, in the torch_dist format and in the per-rank torch format, imports back to the same tensors."""
 
 from __future__ import annotations
 
@@ -22,8 +22,11 @@ VOCAB = 384
 
 
 def _on_ranks(state, src: str, out: str, tensor: int, pipeline: int):
-    """Load mtlm's to-mcore export into megatron-core at (tensor, pipeline), run it, save it again."""
+    """Load mtlm's to-mcore export into megatron-core at (tensor, pipeline), run it, save it again (torch_dist,
+    and the per-rank torch format)."""
     import argparse
+
+    from megatron.core import parallel_state
 
     monkeypatch = pytest.MonkeyPatch()
     # With pipeline stages, megatron-core moves the last stage's copy of the tied output layer with .cuda()
@@ -43,6 +46,14 @@ def _on_ranks(state, src: str, out: str, tensor: int, pipeline: int):
             args = _args(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
                          vocab_size=None, padded_vocab_size=VOCAB)  # 384 rows, kept whole
             dist_checkpointing.save({"model": theirs.sharded_state_dict(), "args": args, "iteration": 5}, out)
+            # and the same model in the older per-rank format (--ckpt-format torch), as Megatron-LM names it
+            rank_dir = Path(out).parent / "torch_format" / "iter_0000005" / (
+                f"mp_rank_{parallel_state.get_tensor_model_parallel_rank():02d}" + (
+                    f"_{parallel_state.get_pipeline_model_parallel_rank():03d}" if pipeline > 1 else ""))
+            rank_dir.mkdir(parents=True)
+            torch.save({"model": theirs.state_dict(), "args": args, "checkpoint_version": 3.0, "iteration": 5},
+                       rank_dir / "model_optim_rng.pt")
+            (Path(out).parent / "torch_format" / "latest_checkpointed_iteration.txt").write_text("5")
             return logits
     finally:
         monkeypatch.undo()
@@ -69,4 +80,8 @@ def test_mcore_at_other_degrees_both_ways(tmp_path: Path, tensor: int, pipeline:
     meta, back = read_checkpoint(tmp_path / "back")
     _, before = read_checkpoint(tmp_path / "ck")
     assert (meta["source"]["tensor"], meta["source"]["pipeline"]) == (tensor, pipeline)
+    assert back.keys() == before.keys() and all(torch.equal(back[k], before[k]) for k in back)
+    assert main(["from-mcore", str(tmp_path / "torch_format"), str(tmp_path / "back_torch")]) == 0
+    meta, back = read_checkpoint(tmp_path / "back_torch")
+    assert meta["source"]["iteration"] == 5
     assert back.keys() == before.keys() and all(torch.equal(back[k], before[k]) for k in back)

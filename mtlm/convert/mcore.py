@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mtlm.checkpoint.format import PADDED_VOCAB, CheckpointError
 from mtlm.convert.mcore_names import GLOBAL, LAYER, OUTPUT_LAYER, mtlm_name
+from mtlm.convert.mcore_torch import is_torch_format, read_mcore_torch
 from mtlm.convert.megatron import GPT_TARGET, _activation, _check_args, _real_vocab
 from mtlm.convert.megatron_export import megatron_args
 from mtlm.convert.megatron_files import TRACKER
@@ -58,14 +59,17 @@ def _one_process() -> Iterator[None]:
 
 
 def checkpoint_dir(src: str | Path) -> Path:
-    """The torch_dist folder SRC names: itself, or the iteration its run folder's tracker names."""
+    """The checkpoint folder SRC names: itself, or the iteration its run folder's tracker names; torch_dist, or
+    per-rank `torch` files with megatron-core names (mtlm/convert/mcore_torch.py)."""
     src = Path(src)
     if (src / TRACKER).is_file():
         tracker = (src / TRACKER).read_text(encoding="utf-8").strip()
         src = src / ("release" if tracker == "release" else f"iter_{int(tracker):07d}") \
             if tracker == "release" or tracker.isdigit() else src
     if not (src / CONFIG).is_file():
-        raise CheckpointError(f"{src}: no {CONFIG}: not a Megatron-Core (torch_dist) checkpoint folder")
+        if is_torch_format(src):
+            return src
+        raise CheckpointError(f"{src}: no {CONFIG} and no mp_rank_* folders: not a Megatron-Core checkpoint folder")
     backend = json.loads((src / CONFIG).read_text(encoding="utf-8")).get("sharded_backend")
     if backend != "torch_dist":
         raise CheckpointError(f"{src / CONFIG}: sharded_backend {backend!r}; mtlm reads 'torch_dist' (Megatron-LM "
@@ -141,7 +145,7 @@ def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer:
     `origin`: what to record as the source (default: the folder)."""
     folder = checkpoint_dir(src)
     label = origin or str(folder)
-    tensors, common = read_mcore(folder)
+    tensors, common = read_mcore_torch(folder) if not (folder / CONFIG).is_file() else read_mcore(folder)
     args = common.get("args", args)
     if args is None:
         raise CheckpointError(f"{folder / 'common.pt'}: no args: the model's shape is unknown")
