@@ -242,6 +242,12 @@ class CalibrationPoint:
     # Ranks running the shape at once, data-parallel (one micro-batch of `batch` each); null: every core of
     # the node. A GPU's rate does not depend on its neighbours (1); a CPU core's does (docs/planner.md).
     ranks: int | None = 1
+    # A GPU point measured with data parallelism (SC'21 Table 1's rows): its data-parallel degree, `batch` being
+    # the sequences per data rank and step. Under grad_allreduce=after_backward its gradient all-reduce (the
+    # compute dtype's bytes of the model) is taken out of its step before its FLOPs give eta.
+    data: int = 1
+    # The quoted rate counts the recompute's FLOPs (SC'21's Eq. 3, 96·B·s·l·h²·(...)), not mtlm's model FLOPs.
+    rate_counts_recompute: bool = False
     tflops_per_device: float | None = None
 
 

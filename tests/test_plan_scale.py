@@ -15,6 +15,7 @@ from mtlm.metrics import memory
 from mtlm.plan import perf, pipeline, sizing
 from mtlm.plan.__main__ import validate_plan
 from mtlm.plan.planner import make_plan
+from mtlm.train.objective import objective_for
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 PAPER_8_3B_512 = ["model=gpt2_8.3b", "parallel.tensor=8", "parallel.data=64", "precision=fp16",
@@ -151,3 +152,42 @@ def test_pipeline_plan_by_hand() -> None:
     layer = (12 * 3072**2 + 7 * 3072) // 8 + 6 * 3072
     assert plan["params_per_device"] == 18 * layer + 6_400 * 3_072 + 1_024 * 3_072
     assert plan["step_time_s"] == pytest.approx(sum(parts.values()))
+
+
+# ---- SC'21 Table 1 on selene_a100 ------------------------------------------------------------------------------
+
+SC21_ROWS = [  # scale, heads, hidden, layers, tensor, pipeline, GPUs, batch, billions of parameters (Table 1)
+    ("sc21_1.7b", 24, 2304, 24, 1, 1, 32, 512, 1.7), ("sc21_3.6b", 32, 3072, 30, 2, 1, 64, 512, 3.6),
+    ("sc21_7.5b", 32, 4096, 36, 4, 1, 128, 512, 7.5), ("sc21_18.4b", 48, 6144, 40, 8, 1, 256, 1024, 18.4),
+    ("sc21_39.1b", 64, 8192, 48, 8, 2, 512, 1536, 39.1), ("sc21_76.1b", 80, 10240, 60, 8, 4, 1024, 1792, 76.1),
+    ("sc21_145.6b", 96, 12288, 80, 8, 8, 1536, 2304, 145.6),
+    ("sc21_310.1b", 128, 16384, 96, 8, 16, 1920, 2160, 310.1),
+    ("sc21_529.6b", 128, 20480, 105, 8, 35, 2520, 2520, 529.6),
+    ("sc21_1008b", 160, 25600, 128, 8, 64, 3072, 3072, 1008.0)]
+
+
+@pytest.mark.parametrize("row", SC21_ROWS, ids=[r[0] for r in SC21_ROWS])
+def test_sc21_rows_flops_are_eq3(row: tuple) -> None:
+    """Each scale file is its Table 1 row, and mtlm's executed FLOPs of the row are the paper's Eq. 3
+    (96·B·s·l·h²·(1 + s/6h + V/16lh), recompute counted); its parameters Eq. 2 plus the final norm's 2h."""
+    scale, a, h, L, t, p, gpus, batch, billions = row
+    cfg = plan_config("+experiment=sc21_table1", f"scale={scale}", "cluster=selene_a100")
+    m, s, V = cfg.model, 2048, 51_200
+    assert (m.num_attention_heads, m.hidden_size, m.num_layers) == (a, h, L)
+    assert (cfg.parallel.tensor, cfg.parallel.pipeline) == (t, p)
+    assert cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data == gpus
+    assert cfg.trainer.global_batch_size == batch and m.seq_length == s
+    _, hardware = objective_for(m).flops(m, batch, V, True)
+    assert hardware == pytest.approx(96 * batch * s * L * h**2 * (1 + s / (6 * h) + V / (16 * L * h)), rel=1e-12)
+    eq2 = 12 * L * h**2 * (1 + 13 / (12 * h) + (V + s) / (12 * L * h))
+    assert memory.parameters_per_device(L, h, V, s, 1) == pytest.approx(eq2 + 2 * h, rel=1e-12)
+    assert abs(eq2 / 1e9 - billions) <= 0.051  # Table 1's parameter count, printed to 0.1B
+
+
+def test_sc21_calibration_row_reproduces_itself() -> None:
+    """selene_a100's one input is row 1 (137 TFLOP/s per GPU in Eq. 3 FLOPs, its fp16 all-reduce after
+    backward taken out): planning row 1 gives it back."""
+    plan = make_plan(plan_config("+experiment=sc21_table1", "scale=sc21_1.7b", "cluster=selene_a100"))
+    rate = plan["hardware_flops_per_step"] / (plan["step_time_s"] * plan["devices"] * 1e12)
+    assert rate == pytest.approx(137.0, rel=1e-9)
+    assert plan["calibration"]["data_parallel_s"] == pytest.approx(plan["step_time_parts_s"]["data_parallel_exposed"])

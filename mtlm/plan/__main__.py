@@ -32,7 +32,7 @@ def validate_plan(cfg: Any, world_size: int | None = None) -> None:
     the cluster (this machine's GPUs do not matter), then the cluster's own checks."""
     check_known_keys(cfg)  # here, as validate() below sees a copy without cluster / plan (+cluster.foo=1)
     if cfg.cluster is None:
-        raise ConfigError("cluster", "pick one: cluster=dgx2h_v100 | dgx_a100 | dgx_h100 | cpu_local")
+        raise ConfigError("cluster", "pick one: cluster=dgx2h_v100 | dgx_a100 | dgx_h100 | selene_a100 | cpu_local")
     copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     OmegaConf.set_struct(copy, False)
     copy.cluster, copy.plan = None, None  # train.py's validate() refuses them: they are this app's

@@ -12,7 +12,7 @@ from typing import Any
 
 from mtlm.data.build import build_data
 from mtlm.errors import ConfigError
-from mtlm.metrics import flops
+from mtlm.metrics import flops, memory
 from mtlm.parallel.state import Grid
 from mtlm.plan import perf, pipeline, probe, sizing
 from mtlm.train.objective import objective_for
@@ -110,11 +110,30 @@ def calibration_eta(cfg: Any, cluster: dict[str, Any]) -> tuple[float, dict[str,
     dropout_s = perf.attention_dropout_time(
         perf.attention_scores(cal.num_layers, cal.batch, cal.num_attention_heads, cal.seq_length),
         cluster["attention_dropout_ns_per_score"], 1) if cal.dropout > 0 else 0.0
+    if cal.get("rate_counts_recompute", False):  # SC'21's Eq. 3 rate: in mtlm's model FLOPs
+        rate = rate * model / hardware
     step_s = model / (rate * 1e12)  # the calibration run's measured step
-    rate_without_dropout = model / ((step_s - dropout_s) * 1e12)
+    dp_s = calibration_allreduce_time(cfg, cluster)
+    rate_without_dropout = model / ((step_s - dropout_s - dp_s) * 1e12)
     eta = perf.achievable_fraction(rate_without_dropout, model, hardware, peak)
     return eta, {"tflops_per_device": rate, "source": source, "eta": eta, "precision": cal.precision,
-                 "attention_dropout_s": dropout_s}
+                 "attention_dropout_s": dropout_s, "data_parallel_s": dp_s}
+
+
+def calibration_allreduce_time(cfg: Any, cluster: dict[str, Any]) -> float:
+    """The gradient all-reduce inside a data-parallel calibration run's step (0 for one device, or when the
+    cluster's code overlaps it with backward): the compute dtype's bytes of the model (GPT, no tensor split)
+    over `data` ranks, across nodes at the node's network bandwidth (one data-parallel group per node)."""
+    cal = cfg.cluster.calibration
+    data = int(cal.get("data", 1) or 1)
+    if data == 1 or cfg.cluster.get("grad_allreduce", "overlapped") != "after_backward":
+        return 0.0
+    params = memory.parameters_per_device(cal.num_layers, cal.hidden_size, cal.vocab_size, cal.seq_length, 1)
+    link = ((min(cluster["intra_node_bw_gbps"], cluster["inter_node_bw_gbps"]), cluster["inter_node_step_latency_us"])
+            if data > cluster["devices_per_node"] else
+            (cluster["intra_node_bw_gbps"], cluster["intra_node_step_latency_us"]))
+    return perf.ring_allreduce_time(sizing.compute_bytes(cal.precision) * params, data, *link,
+                                    cluster["collective_base_latency_us"])
 
 
 def check_layout(cfg: Any, cluster: dict[str, Any]) -> None:
