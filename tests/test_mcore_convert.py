@@ -18,6 +18,8 @@ from mtlm import load_model
 from mtlm.checkpoint.format import read_metadata
 from mtlm.convert import main
 from mtlm.convert.writer import write_checkpoint
+from mtlm.data.tokenizer import train_tokenizer
+from tests.eval_helpers import TEXT
 from tests.mcore_cpu import mcore_gpt, mcore_world  # skips the module when megatron-core is absent
 from tests.test_mcore_parity import HEADS, HIDDEN, LAYERS, POSITIONS, random_mtlm_gpt
 
@@ -170,11 +172,17 @@ def test_nemo_archive_imports_to_megatron_core_logits(monkeypatch, tmp_path: Pat
         # NeMo's keys carry its `model.` prefix; its common.pt has no Megatron-LM args.
         dist_checkpointing.save(theirs.sharded_state_dict(prefix="model."), str(packed / "model_weights"))
         expected = _mcore_logits(theirs, _ids())[..., :REAL_VOCAB]
-    (packed / "model_config.yaml").write_text(_nemo_config())
+    # The tokenizer inside the archive, named as NeMo names its files: nemo:<name>.
+    tok = train_tokenizer([TEXT * 3], str(packed / "a1b2_tokenizer.model"), 340)
+    (packed / "model_config.yaml").write_text(_nemo_config(
+        tokenizer={"library": "sentencepiece", "model": "nemo:a1b2_tokenizer.model"}))
     nemo = _tar(tmp_path / "gpt.nemo", packed)
     assert main(["from-nemo", str(nemo), str(tmp_path / "ck")]) == 0
     meta = read_metadata(tmp_path / "ck" / "step_00000000")
     assert meta["model"]["activation"] == "gelu_tanh" and meta["source"]["megatron_core"] == str(nemo)
+    assert meta["model"]["vocab_size"] == tok.vocab_size == 340
+    assert meta["tokenizer"]["sha256"] == tok.entry()["sha256"]
+    assert Path(meta["tokenizer"]["path"]) == (tmp_path / "ck" / "tokenizer" / "a1b2_tokenizer.model").resolve()
     _close(load_model(tmp_path / "ck")(_ids())[..., :REAL_VOCAB], expected)
 
 

@@ -1,7 +1,9 @@
 """NeMo `.nemo` archives of Megatron-Core GPT models -> mtlm (`python -m mtlm.convert from-nemo X.nemo OUT`).
 
 A `.nemo` file is a tar (optionally gzipped) holding `model_config.yaml` (the model's shape and options, NeMo's
-key names) and `model_weights/`, a Megatron-Core torch_dist folder whose keys carry NeMo's `model.` prefix.
+key names) and `model_weights/`, a Megatron-Core torch_dist folder whose keys carry NeMo's `model.` prefix, and
+the tokenizer's files, which the config names as `nemo:FILE` (a sentencepiece model or a GPT-2 BPE's two files
+are read from there and copied to OUT/tokenizer/).
 The archive's regular files are copied into a temporary folder, and nothing else: a member with an absolute
 path, a `..` component, a link or a device is refused in one line before anything is written.
 """
@@ -9,6 +11,8 @@ path, a `..` component, a link or a device is refused in one line before anythin
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -18,6 +22,8 @@ import yaml
 
 from mtlm.checkpoint.format import CheckpointError
 from mtlm.convert.mcore import CONFIG, from_mcore
+from mtlm.data.text_tokenizer import tokenizer_from_entry
+from mtlm.errors import DataError
 
 CONFIG_YAML = "model_config.yaml"
 WEIGHTS = "model_weights"
@@ -84,6 +90,37 @@ def _find(root: Path, name: str) -> Path | None:
     return hits[0] if hits else None
 
 
+def nemo_tokenizer(cfg: dict, root: Path, out_dir: Path, label: str) -> Any:
+    """The tokenizer model_config.yaml names, when its files are in the archive (`nemo:NAME` references):
+    copied to OUT/tokenizer/ (the archive's copy is temporary) and opened. None, with a note, otherwise."""
+    tok = cfg.get("tokenizer") or {}
+    library, kind = tok.get("library"), tok.get("type")
+    if library == "sentencepiece":
+        entry, refs = {"type": "sentencepiece", "lowercase": None}, {"path": tok.get("model")}
+    elif library == "megatron" and kind == "GPT2BPETokenizer":
+        entry, refs = {"type": "gpt2", "lowercase": None}, {"path": tok.get("vocab_file"),
+                                                             "merge_file": tok.get("merge_file")}
+    else:
+        print(f"note: {label}: tokenizer {library}/{kind} is not read from the archive; give its files as options "
+              "to record it", file=sys.stderr)
+        return None
+    for key, ref in refs.items():
+        found = _find(root, ref[len("nemo:"):]) if isinstance(ref, str) and ref.startswith("nemo:") else None
+        if found is None:
+            print(f"note: {label}: the tokenizer file {ref!r} is not in the archive; give it as an option to record "
+                  "it", file=sys.stderr)
+            return None
+        target = out_dir / "tokenizer" / found.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(found, target)
+        entry[key] = str(target.resolve())
+    entry.setdefault("merge_file", None)
+    try:
+        return tokenizer_from_entry(entry)
+    except DataError as err:
+        raise CheckpointError(f"{label}: the tokenizer in the archive: {err}") from None
+
+
 def from_nemo(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:
     """Import a `.nemo` archive of a Megatron-Core GPT (torch_dist model_weights) at `tensor`."""
     src = Path(src)
@@ -99,4 +136,7 @@ def from_nemo(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: 
         cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{src}: {CONFIG_YAML} is not a mapping")
-        return from_mcore(weights, out_dir, tensor, tokenizer, nemo_args(cfg, str(src)), origin=str(src))
+        args = nemo_args(cfg, str(src))
+        if tokenizer is None:
+            tokenizer = nemo_tokenizer(cfg, root, Path(out_dir), str(src))
+        return from_mcore(weights, out_dir, tensor, tokenizer, args, origin=str(src))
