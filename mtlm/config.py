@@ -225,7 +225,7 @@ class CalibrationPoint:
 
     A GPT run of this shape on one device of the cluster, at `tflops_per_device` model TFLOP/s (mtlm's
     `tflops_per_device`: 72·B·s·l·h²·(...) per step, recompute not counted). null on cpu_local: measured by
-    `plan.calibrate=true` and cached.
+    the first plan on the machine (again on `plan.calibrate=true`) and cached.
     """
 
     source: str = ""
