@@ -17,7 +17,7 @@ import yaml
 from mtlm import load_model
 from mtlm.checkpoint.format import read_metadata
 from mtlm.convert import main
-from mtlm.convert.writer import write_checkpoint
+from mtlm.convert.writer import read_checkpoint, write_checkpoint
 from mtlm.data.tokenizer import train_tokenizer
 from tests.eval_helpers import TEXT
 from tests.mcore_cpu import mcore_gpt, mcore_world  # skips the module when megatron-core is absent
@@ -247,3 +247,24 @@ def test_tokenizer_travels_through_to_mcore_and_back(tmp_path: Path, capsys) -> 
     assert meta["tokenizer"]["sha256"] == meta_before["tokenizer"]["sha256"]
     assert meta["tokenizer"]["path"] == str(moved / "tokenizer" / "tok.model")
     assert meta["model"]["vocab_size"] == meta_before["model"]["vocab_size"]
+
+
+def test_per_rank_torch_format_in_bf16(monkeypatch, tmp_path: Path) -> None:
+    """--ckpt-format torch with --bf16: one mp_rank_00 file of megatron-core names in bfloat16 imports as fp32
+    (the exact upcast), mtlm's checkpoint dtype."""
+    with mcore_world(monkeypatch):
+        theirs = mcore_gpt(LAYERS, HIDDEN, HEADS, PADDED, POSITIONS)
+        _randomise(theirs)
+        state = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in
+                 theirs.state_dict().items()}
+    rank = tmp_path / "run" / "iter_0000003" / "mp_rank_00"
+    rank.mkdir(parents=True)
+    torch.save({"model": state, "args": _args(vocab_size=None, params_dtype=torch.bfloat16), "iteration": 3},
+               rank / "model_optim_rng.pt")
+    (tmp_path / "run" / "latest_checkpointed_iteration.txt").write_text("3")
+    assert main(["from-mcore", str(tmp_path / "run"), str(tmp_path / "ck")]) == 0
+    _, full = read_checkpoint(tmp_path / "ck")
+    assert all(t.dtype == torch.float32 for t in full.values())
+    qkv = state["decoder.layers.1.self_attention.linear_qkv.weight"]
+    assert torch.equal(full["blocks.1.attn.qkv.weight"], qkv.float())
+    assert torch.equal(full["wte.weight"], state["embedding.word_embeddings.weight"].float())

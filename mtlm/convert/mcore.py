@@ -107,8 +107,8 @@ def _to_mtlm(tensors: dict[str, torch.Tensor], label: str) -> dict[str, torch.Te
         name = mtlm_name(key)
         if name is None:
             unknown.append(key)
-        else:
-            full[name] = value
+        else:  # Megatron keeps the model's own bf16/fp16 copy; mtlm's checkpoints hold fp32 (exact upcast)
+            full[name] = value.float() if value.is_floating_point() else value
     if unknown:
         raise CheckpointError(f"{label}: {unknown[0]} (and {len(unknown) - 1} more) has no place in mtlm's GPT "
                               "(pre-LN, learned positions, GeLU MLP, biases)")
