@@ -273,6 +273,9 @@ class ClusterConfig:
     # a CPU draws the mask serially and leaves the fused kernel; a GPU draws it inside the kernel (0: none).
     # null: probed here (cpu_local). It matters when a recompute draws the masks again (docs/planner.md).
     attention_dropout_ns_per_score: float | None = 0.0
+    # Device memory bandwidth, GB/s: the memory-bound work around the GEMMs (softmax, dropout, layer norms,
+    # GeLU: perf.elementwise_bytes_per_layer) runs at it, the GEMM FLOPs at eta x peak. null: not modeled.
+    memory_bw_gbps: float | None = None
     # When the data-parallel gradient all-reduce runs: `overlapped` (torch DDP's buckets during the last
     # backward, what mtlm does) or `after_backward` (one flattened buffer per dtype after backward, in the
     # compute dtype, then a device sync: the 2019 Megatron-LM code the paper's Fig. 5 ran; docs/planner.md).

@@ -191,3 +191,23 @@ def test_sc21_calibration_row_reproduces_itself() -> None:
     rate = plan["hardware_flops_per_step"] / (plan["step_time_s"] * plan["devices"] * 1e12)
     assert rate == pytest.approx(137.0, rel=1e-9)
     assert plan["calibration"]["data_parallel_s"] == pytest.approx(plan["step_time_parts_s"]["data_parallel_exposed"])
+
+
+def test_elementwise_bytes_by_hand() -> None:
+    """SC'21 row 1's layer (s 2048, b 1, h 2304, a 24, t 1, fp16, dropout, recompute): per score
+    (4e+1)·2 + 5e+1 = 29 bytes over 24 x 2048² scores, per stream value (10e+2) x 3 = 66 bytes over s·b·h, per
+    MLP value 2e·2 + 3e = 14 bytes over 4·s·b·h."""
+    sbh = 2048 * 2304
+    expected = 24 * 2048**2 * 29 + sbh * 66 + 4 * sbh * 14
+    assert expected == 3_494_903_808
+    assert perf.elementwise_bytes_per_layer(2048, 1, 2304, 24, 1, 2, True, True, False) == expected
+    # Tensor 8 splits the scores and the MLP; the stream only under sequence parallelism.
+    tp = perf.elementwise_bytes_per_layer(2048, 1, 2304, 24, 8, 2, True, True, False)
+    assert tp == 3 * 2048**2 * 29 + sbh * 66 + 4 * sbh / 8 * 14
+    sp = perf.elementwise_bytes_per_layer(2048, 1, 2304, 24, 8, 2, True, True, True)
+    assert sp == pytest.approx(tp - sbh * 66 * 7 / 8)
+    # No dropout, no recompute: 2e forward + 3e backward per score, 10e per stream value each way.
+    assert perf.elementwise_bytes_per_layer(2048, 1, 2304, 24, 1, 2, False, False, False) == (
+        24 * 2048**2 * 10 + sbh * 40 + 4 * sbh * 10)
+    assert perf.memory_bound_time(2.039e12, 2039.0) == pytest.approx(1.0)
+    assert perf.memory_bound_time(1e9, None) == 0.0

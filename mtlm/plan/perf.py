@@ -139,3 +139,30 @@ def exposed_data_parallel_time(grad_bytes: float, bucket_bytes: float, allreduce
         return 0.0
     bucket = min(1.0, bucket_bytes / grad_bytes)
     return max(allreduce_s * bucket, allreduce_s - backward_s * (1.0 - bucket))
+
+
+def elementwise_bytes_per_layer(seq: int, micro_batch: int, hidden: int, heads: int, tensor: int,
+                                bytes_per_value: int, dropout: bool, recompute: bool, sequence_parallel: bool) -> float:
+    """HBM bytes one transformer layer's memory-bound (non-GEMM) work moves for one micro-batch on a device:
+    forward, the recompute's forward again, and backward (our count of Megatron's fused kernels).
+
+    Per attention score (b·(a/t)·s², e bytes each): the fused scale-mask-softmax reads and writes one value,
+    dropout reads one and writes one plus a 1-byte mask (forward 4e+1, 2e without dropout); backward reads the
+    gradient and the mask and writes one (dropout), reads gradient and probabilities and writes one (softmax):
+    5e+1 (3e). Per stream value (s·b·h, on every tensor rank, 1/t of them under sequence parallelism): two layer
+    norms (read, write: 2e each) and two bias-dropout-adds (two reads, a write, a mask: 3e+1 each) forward,
+    10e+2, and as much backward. Per MLP value (4·s·b·h/t): the fused bias-GeLU, 2e forward, 3e backward.
+    """
+    e = bytes_per_value
+    forwards = 2 if recompute else 1
+    scores = micro_batch * (heads // tensor) * seq * seq
+    score_bytes = ((4 * e + 1) * forwards + 5 * e + 1) if dropout else (2 * e * forwards + 3 * e)
+    stream = seq * micro_batch * hidden / (tensor if sequence_parallel else 1)
+    stream_bytes = ((10 * e + 2) if dropout else 10 * e) * (forwards + 1)
+    mlp = 4 * seq * micro_batch * hidden / tensor
+    return scores * score_bytes + stream * stream_bytes + mlp * (2 * e * forwards + 3 * e)
+
+
+def memory_bound_time(nbytes: float, memory_bw_gbps: float | None) -> float:
+    """Seconds to move `nbytes` through device memory at its bandwidth; 0 where the cluster gives none."""
+    return nbytes / (memory_bw_gbps * 1e9) if memory_bw_gbps else 0.0

@@ -78,6 +78,7 @@ def resolve_cluster(cfg: Any) -> dict[str, Any]:
                                              lambda: gloo["step_latency_us"])
     out["attention_dropout_ns_per_score"] = take("attention_dropout_ns_per_score", c.attention_dropout_ns_per_score,
                                                  probe.attention_dropout_ns_per_score)
+    out["memory_bw_gbps"] = c.get("memory_bw_gbps")
     for key in ("inter_node_bw_gbps", "inter_node_step_latency_us", "collective_base_latency_us"):
         out[key] = c[key]
     out["devices"] = out["devices_per_node"] * c.nodes
@@ -114,10 +115,14 @@ def calibration_eta(cfg: Any, cluster: dict[str, Any]) -> tuple[float, dict[str,
         rate = rate * model / hardware
     step_s = model / (rate * 1e12)  # the calibration run's measured step
     dp_s = calibration_allreduce_time(cfg, cluster)
-    rate_without_dropout = model / ((step_s - dropout_s - dp_s) * 1e12)
+    # Its memory-bound work runs at the memory bandwidth, not at eta x peak (perf.elementwise_bytes_per_layer).
+    elementwise_s = cal.num_layers * perf.memory_bound_time(perf.elementwise_bytes_per_layer(
+        cal.seq_length, cal.batch, cal.hidden_size, cal.num_attention_heads, 1, sizing.compute_bytes(cal.precision),
+        cal.dropout > 0, cal.recompute, False), cluster["memory_bw_gbps"])
+    rate_without_dropout = model / ((step_s - dropout_s - dp_s - elementwise_s) * 1e12)
     eta = perf.achievable_fraction(rate_without_dropout, model, hardware, peak)
     return eta, {"tflops_per_device": rate, "source": source, "eta": eta, "precision": cal.precision,
-                 "attention_dropout_s": dropout_s, "data_parallel_s": dp_s}
+                 "attention_dropout_s": dropout_s, "data_parallel_s": dp_s, "elementwise_s": elementwise_s}
 
 
 def calibration_allreduce_time(cfg: Any, cluster: dict[str, Any]) -> float:
@@ -185,7 +190,10 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     scores = perf.attention_scores(layers_here, t.micro_batch_size, m.num_attention_heads // p.tensor, m.seq_length)
     dropout_s = micro_steps * perf.attention_dropout_time(scores, cluster["attention_dropout_ns_per_score"],
                                                           2 if recompute else 1) if m.dropout > 0 else 0.0
-    compute_s = perf.compute_time(hw_flops / devices, peak, eta) + dropout_s
+    elementwise_s = micro_steps * layers_here * perf.memory_bound_time(perf.elementwise_bytes_per_layer(
+        m.seq_length, t.micro_batch_size, m.hidden_size, m.num_attention_heads, p.tensor,
+        sizing.compute_bytes(dtype), m.dropout > 0, recompute, sp), cluster["memory_bw_gbps"])
+    compute_s = perf.compute_time(hw_flops / devices, peak, eta) + dropout_s + elementwise_s
 
     # Tensor-parallel all-reduces: micro-batches per step x one micro-batch's collectives, inside a node.
     colls = perf.tensor_parallel_collectives(layers_here, t.micro_batch_size, m.seq_length, m.hidden_size,
@@ -259,7 +267,7 @@ def make_plan(cfg: Any) -> dict[str, Any]:
         "pipeline": stages, "virtual_stages": virtual, "schedule": schedule, "sequence_parallel": sp,
         "micro_batches": micro_steps, "bubble_fraction": pipeline.step_factor(stages, virtual, micro_steps) - 1,
         "p2p_bytes_per_hop": hop_bytes if stages > 1 else 0.0, "p2p_across_nodes": across and stages > 1,
-        "attention_dropout_s": dropout_s,  # inside "compute"
+        "attention_dropout_s": dropout_s, "elementwise_s": elementwise_s,  # both inside "compute"
         "data_parallel_allreduce_s": dp_s, "backward_s": backward_s,
         "tensor_parallel_bytes_per_step": micro_steps * perf.collectives_bytes(colls, p.tensor),
         "tensor_parallel_allreduces_per_step": micro_steps * sum(c.count for c in colls) if p.tensor > 1 else 0,
