@@ -4,6 +4,7 @@
     python -m mtlm.bench --tp-scaling         # wide shape, tensor 2 (2 ranks x 1 thread) against tensor 1
     python -m mtlm.bench --hidden 64 --layers 2 --heads 4 --seq 32 --batch 2 --vocab 512 --reps 2 --warmup 1
     python -m mtlm.bench --model gpt2_345m --precision bf16   # a preset's shape (on a GPU), vocab 50257
+    python -m mtlm.bench --roofline           # mtlm's step against its own GEMM + attention kernels (fp32)
 
 Extra `key=value` arguments are Hydra overrides for the mtlm side of the speed mode (e.g. optimizer.fused=false).
 """
@@ -16,16 +17,23 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from mtlm.bench.speed import Shape, bench_speed, format_speed
+import torch
+
+from mtlm.bench.roofline import format_roofline, roofline
+from mtlm.bench.speed import Shape, bench_speed, compose_config, format_speed, mtlm_step
 from mtlm.bench.tp_scaling import WIDE, bench_tp_scaling, format_tp_scaling
 from mtlm.config import CONF_DIR
 from mtlm.parallel.denormals import flush_denormals
 from mtlm.parallel.launch import threads_per_rank
+from mtlm.parallel.state import ParallelState
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mtlm.bench", description=__doc__.split("\n")[0])
     p.add_argument("--tp-scaling", action="store_true", help="tensor-parallel strong scaling (CPU, gloo)")
+    p.add_argument("--roofline", action="store_true", help="every GEMM and attention call of one mtlm step, in "
+                   "the step and alone, and the rest by op family (CPU; mtlm/bench/roofline.py)")
+    p.add_argument("--no-gemm-check", action="store_true", help="skip timing each comparator's GEMMs alone")
     p.add_argument("--tensor", type=int, default=2, help="tensor degree for --tp-scaling")
     p.add_argument("--model", default=None, help="take the shape of conf/model/NAME.yaml (model vocabulary 50257, "
                    "GPT-2's; the tokenizer stays conf/data's; micro batch 8); the shape flags below still override it")
@@ -57,7 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     dims = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "seq", "batch", "vocab")}
     shape = Shape(**{**asdict(base), **{k: v for k, v in dims.items() if v is not None}, "dropout": args.dropout})
     results = []
-    if args.tp_scaling:
+    if args.roofline:
+        threads = threads_per_rank(1, args.threads)
+        torch.set_num_threads(threads)
+        for precision in args.precision or ["fp32"]:
+            cfg = compose_config(shape, precision, device="cpu", overrides=args.overrides)
+            r = roofline(mtlm_step(cfg, ParallelState(device=torch.device("cpu"))), torch.device("cpu"),
+                         args.reps or 3, 2 if args.warmup is None else args.warmup)
+            r.update(shape=asdict(shape), precision=precision, threads=threads)
+            print(format_roofline(r, f"{precision}, {threads} threads, {asdict(shape)}"), flush=True)
+            results.append(r)
+    elif args.tp_scaling:
         for precision in args.precision or ["fp32"]:
             r = bench_tp_scaling(shape, args.tensor, precision, args.reps or 5,
                                  1 if args.warmup is None else args.warmup)
@@ -68,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         for precision in args.precision or ["fp32", "bf16"]:
             r = bench_speed(shape, precision, threads, args.reps or 7, 2 if args.warmup is None else args.warmup,
                             args.device, args.compile,
-                            hf=not args.no_hf, plain=not args.no_plain, overrides=args.overrides)
+                            hf=not args.no_hf, plain=not args.no_plain, overrides=args.overrides,
+                            check_gemms=not args.no_gemm_check)
             print(format_speed(r), flush=True)
             results.append(r)
     if args.json:

@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover
     resource = None
 
 from mtlm.bench.plain import plain_step
+from mtlm.bench.roofline import broken_line, gemm_check
 from mtlm.checks import validate
 from mtlm.config import CONF_DIR, register_configs
 from mtlm.metrics.flops import _cpu_model_name, model_flops_per_iteration, peak_tflops
@@ -184,8 +185,11 @@ def _summary(seconds: list[float], tokens: int, flops: float, faults: list[float
 
 def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmup: int = 2,
                 device: str = "cpu", compile_model: bool = False, hf: bool = True, plain: bool = True,
-                overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Time mtlm, transformers and the GEMM alternately; medians, ratio and MFU as a dict."""
+                overrides: Sequence[str] = (), check_gemms: bool = True) -> dict[str, Any]:
+    """Time mtlm, transformers and the GEMM alternately; medians, ratio and MFU as a dict.
+
+    `check_gemms` (CPU): each comparator's GEMMs in its step against the same GEMMs alone (bench/roofline.py);
+    one more than 2x off is named in result["broken"], and its ratio is not a speed-up of the others."""
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     torch.set_num_threads(threads)
     cfg = compose_config(shape, precision, compile_model=compile_model, device=dev.type, overrides=overrides)
@@ -224,6 +228,13 @@ def bench_speed(shape: Shape, precision: str, threads: int, reps: int = 7, warmu
         result["ratio_vs_plain"] = result["plain"]["step_s"] / result["mtlm"]["step_s"]
         if hf:
             result["ratio_plain_vs_transformers"] = result["transformers"]["step_s"] / result["plain"]["step_s"]
+    result["broken"], result["gemm_checks"] = {}, {}
+    if check_gemms and dev.type == "cpu":  # on CUDA the profiler's CPU times are launches (not done)
+        for name in ("mtlm", "mtlm_eager", "transformers", "plain"):
+            if name in fns:
+                result["gemm_checks"][name] = gemm_check(fns[name], dev)
+                if line := broken_line(name, result["gemm_checks"][name]):
+                    result["broken"][name] = line
     if dev.type == "cuda":
         result["peak_tflops"], result["peak_source"] = peak_tflops(dev, threads, DTYPES[precision])
     else:
@@ -255,11 +266,19 @@ def format_speed(r: dict[str, Any]) -> str:
             lines.append(f"  {name:13s} {v['step_s']:8.4f} s/step ({v['step_s_min']:.4f}..{v['step_s_max']:.4f})  "
                          f"{v['tokens_per_s']:10.1f} tokens/s  {v['tflops']:.4f} TFLOP/s  "
                          f"{v['page_faults']:8.0f} page faults/step")
+            if name in r.get("gemm_checks", {}):
+                c = r["gemm_checks"][name]
+                lines.append(f"  {'':13s} its {c['calls']} GEMMs: {c['in_step_s']:.4f} s in the step, "
+                             f"{c['alone_s']:.4f} s alone ({c['ratio']:.2f}x)")
     m, k, n = r["gemm"]["shape_mkn"]
     lines.append(f"  gemm [{m}x{k}]x[{k}x{n}]  {r['gemm']['tflops']:.4f} TFLOP/s median, "
                  f"{r['gemm']['tflops_best']:.4f} best")
     if "compile_speedup" in r:
         lines.append(f"  torch.compile speedup (mtlm eager / compiled step time): {r['compile_speedup']:.3f}x")
+    broken = r.get("broken", {})
+    lines.extend(f"  BROKEN {line}" for line in broken.values())
+    if broken:
+        lines.append(f"  (ratios with {', '.join(broken)} compare against a broken comparator: not a speed-up)")
     if "ratio" in r:
         lines.append(f"  ratio mtlm/transformers: {r['ratio']:.3f}x tokens/s (per repetition "
                      f"{r['ratio_paired_min']:.3f}..{r['ratio_paired_max']:.3f})")
