@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mtlm.model.bert import BERT
 from mtlm.parallel import ParallelState, gather_last_dim
 from mtlm.parallel.random import seed_streams
+from mtlm.parallel.sequence_grads import sum_sequence_parallel_grads_
 from tests.distributed import run_ranks
 from tests.test_parallel_model import _full_grad
 
@@ -55,6 +56,7 @@ def _outputs(state: ParallelState) -> dict:
         losses, sop2 = model(b["ids"], b["types"], b["mask"], b["labels"])
         loss = losses.mean() + F.cross_entropy(sop2, b["sop"])
         loss.backward()
+        sum_sequence_parallel_grads_(list(model.parameters()), state.tp_group)  # the trainer's step (no-op off)
         grads = {n: _full_grad(p, state) for n, p in model.named_parameters()}
         for name in ("wte.weight", "lm_head.bias"):
             grads[name] = grads[name][:VOCAB]  # padded rows are not part of the model
@@ -63,11 +65,13 @@ def _outputs(state: ParallelState) -> dict:
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_bert_at_tensor_degree_equals_degree_one(world: int) -> None:
+@pytest.mark.parametrize("world,sequence", [(2, False), (4, False), (2, True)])
+def test_bert_at_tensor_degree_equals_degree_one(world: int, sequence: bool) -> None:
+    """sequence: with sequence parallelism (the padding mask, both layer-norm orders, the heads after the
+    gather back to the whole sequence)."""
     torch.set_num_threads(1)
     ref = _outputs(ParallelState())
-    for rank, res in enumerate(run_ranks(_outputs, world)):
+    for rank, res in enumerate(run_ranks(_outputs, world, sequence=sequence)):
         for order in ("pre", "post"):
             want, got = ref[order], res[order]
             torch.testing.assert_close(got["mlm"], want["mlm"], rtol=1e-5, atol=1e-5)

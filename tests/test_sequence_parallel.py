@@ -136,10 +136,10 @@ def test_gpt_with_sequence_parallelism_trains_like_one_process(small_data_cache:
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (("parallel.sequence=true",), "needs parallel.tensor > 1"),
-    (("model=bert_tiny", "parallel.tensor=2", "parallel.sequence=true"), "does not support sequence parallelism"),
+    ((), "needs parallel.tensor > 1"),
+    (("parallel.tensor=2", "model.seq_length=15", "model.max_position_embeddings=16"), "not divisible"),
 ])
 def test_sequence_parallelism_is_refused_up_front(overrides: tuple[str, ...], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle) as info:
-        compose_config(*SMALL_MODEL, *overrides)
+        compose_config(*SMALL_MODEL, "parallel.sequence=true", *overrides)
     assert info.value.key == "parallel.sequence" and "\n" not in str(info.value)

@@ -28,11 +28,14 @@ from mtlm.model.transformer import (
     activation_fn,
     layer_parameters,
     replicated,
+    stream_dropout,
     stream_norms,
 )
 from mtlm.parallel.checkpoint import checkpoint_block
 from mtlm.parallel.cross_entropy import mask_padded_logits_, vocab_parallel_cross_entropy
 from mtlm.parallel.mappings import copy_to_tensor_region
+from mtlm.parallel.sequence_gather import gather_to_replicated
+from mtlm.parallel.sequence_split import split_to_sequence_region
 from mtlm.parallel.state import ParallelState
 
 NUM_TOKEN_TYPES = 2  # segment A and segment B
@@ -66,6 +69,7 @@ class LMHead(nn.Module):
 
 class BERT(VocabParallelLM):
     family = "bert"
+    sequence_parallel = True  # parallel.sequence (mtlm/model/build.py: check_parallel_axes)
 
     def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
                  activation_checkpointing: bool = False) -> None:
@@ -73,7 +77,7 @@ class BERT(VocabParallelLM):
         h = cfg.hidden_size
         self.wpe = replicated(nn.Embedding(cfg.max_position_embeddings, h, device=device, dtype=dtype))
         self.tte = replicated(nn.Embedding(NUM_TOKEN_TYPES, h, device=device, dtype=dtype))
-        self.ln_emb, self.ln_f = stream_norms(cfg, device, dtype)
+        self.ln_emb, self.ln_f = stream_norms(cfg, state, device, dtype)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, state, False, device, dtype) for _ in range(cfg.num_layers))
         self.lm_head = LMHead(cfg, self.padded_vocab_size // state.tensor, device, dtype)
@@ -87,15 +91,19 @@ class BERT(VocabParallelLM):
         # All-real batches skip the mask, so SDPA may take its unmasked (flash) kernel.
         keep = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device)) + self.tte(types)
+        sp = self.state.sequence  # the stream holds 1/t of the sequence from here to the heads (§4.2.2)
+        if sp:
+            x = split_to_sequence_region(x, self.state.tp_group)
         if self.ln_emb is not None:
             x = self.ln_emb(x)
-        x = self.drop(x)
-        for block in self.blocks:
+        x = stream_dropout(self.drop, x, self.state)
+        for block in self.blocks:  # the padding mask covers the whole sequence: attention sees all of it
             if self.activation_checkpointing and self.training:
                 x = checkpoint_block(lambda y, b=block: b(y, keep), x, self.state.device)
             else:
                 x = block(x, keep)
-        return x if self.ln_f is None else self.ln_f(x)
+        x = x if self.ln_f is None else self.ln_f(x)
+        return gather_to_replicated(x, self.state.tp_group) if sp else x
 
     def mlm_logits(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's vocabulary slice of the LM head's logits [..., padded_vocab/t] (padding: -inf)."""

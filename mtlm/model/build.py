@@ -41,7 +41,7 @@ def check_parallel_axes(m: Any, p: Any) -> None:
     cls = model_class(m)
     if p.get("sequence", False) and not getattr(cls, "sequence_parallel", False):
         raise ConfigError("parallel.sequence", f"{model_target(m)} does not support sequence parallelism yet "
-                          "(GPT and BLOOM do); set parallel.sequence=false")
+                          "(GPT, BLOOM and BERT do); set parallel.sequence=false")
     if p.get("pipeline", 1) > 1 and not getattr(cls, "pipeline_parallel", False):
         raise ConfigError("parallel.pipeline", f"{model_target(m)} cannot be split into pipeline stages yet "
                           "(GPT and BLOOM can); set parallel.pipeline=1")

@@ -227,11 +227,12 @@ class Block(nn.Module):
         return self.ln2(x + drop(self.mlp(x)))
 
 
-def stream_norms(cfg: Any, device=None, dtype=None) -> tuple[nn.LayerNorm | None, nn.LayerNorm | None]:
+def stream_norms(cfg: Any, state: ParallelState, device=None,
+                 dtype=None) -> tuple[nn.LayerNorm | None, nn.LayerNorm | None]:
     """(embedding norm, final norm) of the residual stream. Pre-LN blocks leave the stream unnormalised, so the
     stack ends in a final layer norm; post-LN blocks end in one already, and the embeddings are normalised
     instead (original BERT's embedding LayerNorm)."""
-    norm = replicated(nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, device=device, dtype=dtype))
+    norm = stream_module(nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, device=device, dtype=dtype), state)
     return (None, norm) if model_option(cfg, "layernorm_order") == "pre" else (norm, None)
 
 

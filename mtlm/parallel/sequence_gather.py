@@ -49,6 +49,25 @@ class _GatherFromSequenceRegion(torch.autograd.Function):
         return reduce_scatter_sequence(grad, ctx.group), None
 
 
+class _GatherToReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return all_gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        t, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(t, dim=1)[r].contiguous(), None
+
+
 def gather_from_sequence_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Enter a tensor-parallel region from the sequence-parallel one (Fig. 5's `g`)."""
     return x if group is None else _GatherFromSequenceRegion.apply(x, group)
+
+
+def gather_to_replicated(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Leave the sequence-parallel region into replicated computation (BERT's heads, each rank computing the
+    same thing): all-gather forward; backward, every rank already holds the same whole gradient, so each keeps
+    its own chunk (a reduce-scatter would count it t times)."""
+    return x if group is None else _GatherToReplicated.apply(x, group)
