@@ -1,0 +1,105 @@
+"""Under a real Slurm on one machine (issue 21; tests/slurm_cluster.py: munged, slurmctld and a slurmd in each of
+two network-namespace nodes): `srun -N 2`, one task per rank, trains bit for bit as one node does; SLURM's
+warning signal (SIGUSR1, as `--signal=USR1@N` sends it) makes the job save, requeue itself with
+`scontrol requeue`, and the requeued job resume and end bit-equal to the uninterrupted run. Every daemon,
+namespace and file is gone afterwards (checked)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import ours_running, slurm_cluster, why_not
+from tests.test_resume import assert_identical, losses
+from tests.test_nodes import RUN
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if (why := why_not()) is not None:
+        pytest.skip(why)
+    with slurm_cluster(2) as c:
+        root = c.root
+        yield c
+    left = ours_running(root)
+    assert not left, f"left running: {left}"
+    assert not root.exists() and str(root) not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                                 text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the same run, its two ranks spawned on one machine."""
+    cwd = tmp_path_factory.mktemp("one_node")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, f"checkpoint.dir={cwd / 'ck'}",
+                           f"hydra.run.dir={cwd / 'run'}"], cwd=cwd, env=_env(cwd), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd
+
+
+def _env(cwd: Path, **extra: str) -> dict:
+    return dict(os.environ, MTLM_CACHE_DIR=str(cwd / "cache"), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+
+
+def test_srun_two_nodes_equals_one_node(tmp_path: Path, cluster, one_node: Path) -> None:
+    env = {**cluster.env, **_env(one_node)}
+    proc = cluster.run(["srun", "-N", "2", "-n", "2", "--ntasks-per-node", "1", sys.executable,
+                        str(ROOT / "train.py"), *RUN, f"checkpoint.dir={tmp_path / 'ck'}",
+                        f"hydra.run.dir={tmp_path / 'run'}"], timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:] + cluster.logs()
+    assert losses(tmp_path / "run") == losses(one_node / "run")
+    assert_identical(one_node / "ck" / "step_00000006", tmp_path / "ck" / "step_00000006")
+
+
+def _job(cluster, job: str) -> dict[str, str]:
+    out = cluster.run(["scontrol", "show", "job", "-o", job]).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def test_warning_signal_saves_requeues_and_resumes_bit_equal(tmp_path: Path, cluster, one_node: Path) -> None:
+    hold = tmp_path / "go"
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"srun {sys.executable} {ROOT / 'train.py'} {' '.join(RUN)} checkpoint.dir={tmp_path / 'ck'} "
+        f"checkpoint.resume=auto hydra.run.dir={tmp_path}/run$SLURM_RESTART_COUNT\n")
+    env = {**cluster.env, **_env(one_node, MTLM_HOLD_AT_STEP=f"3:{hold}")}
+    sub = cluster.run(["sbatch", "--parsable", "-N", "2", "-n", "2", "--ntasks-per-node", "1", "--requeue",
+                       "--open-mode=append", f"--output={tmp_path}/slurm.out", f"--chdir={tmp_path}", str(script)],
+                      env=env)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 240
+    while not Path(f"{hold}.reached").exists():
+        assert time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.2)
+    # What `--signal=USR1@N` does N seconds before the time limit: SIGUSR1 to every task of the job's steps.
+    assert cluster.run(["scancel", "--signal=USR1", job]).returncode == 0
+    time.sleep(1.0)
+    hold.touch()
+    released = False
+    while (info := _job(cluster, job)).get("JobState") != "COMPLETED":
+        if not released and info.get("Restarts") == "1" and info.get("JobState") == "PENDING" and \
+                set(cluster.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split()) == {"idle"}:
+            # Slurm holds a requeued job back for a while (its begin time moves ~2 minutes on): once the nodes
+            # have finished its first run, start it now.
+            released = cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
+        assert time.monotonic() < deadline and info.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT"), \
+            f"{info}\n{(tmp_path / 'slurm.out').read_text()[-3000:]}"
+        time.sleep(0.5)
+    log = (tmp_path / "slurm.out").read_text()
+    assert "SIGUSR1: every rank finished step 3, checkpoint saved; stopping" in log, log[-3000:]
+    assert f"requeued SLURM job {job}" in log and info.get("Restarts") == "1"
+    want, got = losses(one_node / "run"), losses(tmp_path / "run1")
+    assert sorted(got) == [4, 5, 6] and got == {s: want[s] for s in (4, 5, 6)}
+    assert_identical(one_node / "ck" / "step_00000006", tmp_path / "ck" / "step_00000006")
