@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import ours_running, slurm_cluster, why_not
-from tests.test_resume import assert_identical, losses
 from tests.test_nodes import RUN
+from tests.test_resume import assert_identical, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
