@@ -118,3 +118,20 @@ def mcore_gpt(layers: int, hidden: int, heads: int, vocab: int, positions: int, 
                     position_embedding_type="learned_absolute", share_embeddings_and_output_weights=tied,
                     pre_process=parallel_state.is_pipeline_first_stage(),
                     post_process=parallel_state.is_pipeline_last_stage()).eval()
+
+
+def mcore_bert(layers: int, hidden: int, heads: int, vocab: int, positions: int, activation: str = "gelu",
+               binary_head: bool = True):
+    """megatron-core's BertModel, local layer spec (pre-LN), 2 token types, tied output layer, dropout 0."""
+    from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+    from megatron.core.models.bert.bert_model import BertModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads, use_cpu_initialization=True,
+        hidden_dropout=0.0, attention_dropout=0.0, layernorm_epsilon=1e-5,
+        activation_func=gelu_tanh if activation == "gelu_tanh" else F.gelu, bias_activation_fusion=False,
+        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False)
+    return BertModel(config, 2, bert_layer_local_spec, vocab_size=vocab, max_sequence_length=positions,
+                     add_binary_head=binary_head, share_embeddings_and_output_weights=True).eval()

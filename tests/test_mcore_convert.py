@@ -20,7 +20,7 @@ from mtlm.convert import main
 from mtlm.convert.writer import read_checkpoint, write_checkpoint
 from mtlm.data.tokenizer import train_tokenizer
 from tests.eval_helpers import TEXT
-from tests.mcore_cpu import mcore_gpt, mcore_world  # skips the module when megatron-core is absent
+from tests.mcore_cpu import mcore_bert, mcore_gpt, mcore_world  # skips the module when megatron-core is absent
 from tests.test_mcore_parity import HEADS, HIDDEN, LAYERS, POSITIONS, random_mtlm_gpt
 
 dist_checkpointing = pytest.importorskip("megatron.core.dist_checkpointing")
@@ -268,3 +268,44 @@ def test_per_rank_torch_format_in_bf16(monkeypatch, tmp_path: Path) -> None:
     qkv = state["decoder.layers.1.self_attention.linear_qkv.weight"]
     assert torch.equal(full["blocks.1.attn.qkv.weight"], qkv.float())
     assert torch.equal(full["wte.weight"], state["embedding.word_embeddings.weight"].float())
+
+
+@pytest.mark.parametrize("binary_head", [True, False])
+def test_megatron_core_bert_imports_to_its_logits(monkeypatch, tmp_path: Path, capsys, binary_head: bool) -> None:
+    ids = _ids()
+    types = (torch.arange(POSITIONS) >= POSITIONS // 2).long().expand(2, -1)
+    mask = torch.ones(2, POSITIONS, dtype=torch.long)
+    mask[1, -5:] = 0  # padding in the second sample
+    with mcore_world(monkeypatch):
+        theirs = mcore_bert(LAYERS, HIDDEN, HEADS, PADDED, POSITIONS, binary_head=binary_head)
+        _randomise(theirs)
+        dist_checkpointing.save({"model": theirs.sharded_state_dict(), "iteration": 2,
+                                 "args": _args(bias_gelu_fusion=False, bert_binary_head=binary_head,
+                                               num_tokentypes=2)}, str(tmp_path))
+        with torch.no_grad():
+            out = theirs(ids, mask, tokentype_ids=types)
+    mlm_theirs, sop_theirs = out if isinstance(out, tuple) else (out, None)
+    assert main(["from-mcore", str(tmp_path), str(tmp_path / "ck"), "--tensor", "2"]) == 0
+    assert ("no binary head" in capsys.readouterr().err) != binary_head
+    meta = read_metadata(tmp_path / "ck" / "step_00000000")
+    assert meta["model"]["_target_"] == "mtlm.model.bert.BERT" and meta["model"]["activation"] == "gelu"
+    mlm, sop = load_model(tmp_path / "ck")(ids, types, mask)
+    # Padded positions' outputs differ by design and are never used: megatron-core masks padded queries as
+    # well as keys (their attention is uniform), mtlm and transformers mask the keys only.
+    real = mask.bool()
+    _close(mlm[real][..., :REAL_VOCAB], mlm_theirs[real][..., :REAL_VOCAB])
+    if binary_head:
+        torch.testing.assert_close(sop, sop_theirs, rtol=1e-5, atol=1e-5 * mlm_theirs.abs().max().item())
+    else:
+        assert not sop.any()
+
+
+def test_bert_with_tanh_layers_is_refused(monkeypatch, tmp_path: Path, capsys) -> None:
+    """megatron-core's BERT LM head is always the exact GeLU: with tanh layers mtlm's BERT is another model."""
+    with mcore_world(monkeypatch):
+        theirs = mcore_bert(LAYERS, HIDDEN, HEADS, PADDED, POSITIONS, activation="gelu_tanh")
+        dist_checkpointing.save({"model": theirs.sharded_state_dict(), "args": _args(bias_gelu_fusion=True)},
+                                str(tmp_path))
+    assert main(["from-mcore", str(tmp_path), str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: megatron-core's own config warnings)
+    assert err.startswith("checkpoint error:") and "one GeLU for both" in err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from mtlm.checkpoint.format import PADDED_VOCAB, CheckpointError
 from mtlm.convert.mcore_names import GLOBAL, LAYER, OUTPUT_LAYER, mtlm_name
 from mtlm.convert.mcore_torch import is_torch_format, read_mcore_torch
-from mtlm.convert.megatron import GPT_TARGET, _activation, _check_args, _real_vocab
+from mtlm.convert.megatron import BERT_TARGET, GPT_TARGET, _activation, _check_args, _real_vocab
 from mtlm.convert.megatron_export import megatron_args
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.megatron_tokenizer import export_tokenizer, import_tokenizer
@@ -40,7 +41,7 @@ from mtlm.parallel.layers import pad_vocab_size
 CONFIG = "metadata.json"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
            "common_backend_version": 1}
-_STACKED = "decoder.layers."
+_STACKED, _BERT_STACKED = "decoder.layers.", "encoder.layers."
 
 
 class _SafeReader(FileSystemReader):
@@ -83,7 +84,7 @@ def read_mcore(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     metadata = load_dcp_metadata(folder / ".metadata")
     wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
               if isinstance(m, TensorStorageMetadata) and k.removeprefix("model.").split(".")[0] in
-              ("embedding", "decoder", "output_layer")}
+              ("embedding", "decoder", "output_layer", "encoder", "lm_head", "pooler", "binary_head")}
     if not wanted:
         raise CheckpointError(f"{folder}: no embedding.* / decoder.* tensors: not a Megatron-Core GPT checkpoint "
                               "(mtlm imports GPT models from Megatron-Core checkpoints)")
@@ -92,9 +93,10 @@ def read_mcore(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     out: dict[str, torch.Tensor] = {}
     for key, value in wanted.items():
         key = key.removeprefix("model.")
-        if key.startswith(_STACKED) and not key[len(_STACKED)].isdigit():  # stacked: [layers, ...]
+        stack = next((p for p in (_STACKED, _BERT_STACKED) if key.startswith(p)), None)
+        if stack and not key[len(stack)].isdigit():  # stacked: [layers, ...]
             for i, layer in enumerate(value.unbind(0)):
-                out[f"{_STACKED}{i}.{key[len(_STACKED):]}"] = layer.clone()
+                out[f"{stack}{i}.{key[len(stack):]}"] = layer.clone()
         else:
             out[key] = value
     return out, common if isinstance(common, dict) else {}
@@ -118,6 +120,22 @@ def _to_mtlm(tensors: dict[str, torch.Tensor], label: str) -> dict[str, torch.Te
     return full
 
 
+def _bert_parts(full: dict[str, torch.Tensor], model: dict, args: Any, label: str) -> None:
+    """A megatron-core BertModel: its LM head's GeLU is always the exact one, mtlm's BERT uses the blocks' GeLU
+    there too, so only exact-GeLU blocks (--no-bias-gelu-fusion) are the same model. Without a binary head
+    mtlm's starts at zero, as from-megatron does."""
+    if model["activation"] != "gelu":
+        raise CheckpointError(f"{label}: a BERT with the tanh GeLU in its layers (args.bias_gelu_fusion or "
+                              "openai_gelu) and megatron-core's exact GeLU in its LM head: mtlm's BERT uses one "
+                              "GeLU for both, so it would not give this model's outputs")
+    if "sop_head.weight" not in full:  # megatron-core builds the pooler only for the binary head
+        print(f"note: {label}: no binary head (trained without sentence-order prediction); mtlm's pooler and "
+              "binary head start at zero", file=sys.stderr)
+        h = model["hidden_size"]
+        full.update({"sop_head.weight": torch.zeros(2, h), "sop_head.bias": torch.zeros(2),
+                     "pooler.weight": torch.zeros(h, h), "pooler.bias": torch.zeros(h)})
+
+
 def _model_section(full: dict[str, torch.Tensor], args: Any, name: str) -> dict:
     """mtlm's model section: shapes from the tensors, the rest from Megatron-LM's args."""
     heads = getattr(args, "num_attention_heads", None)
@@ -125,7 +143,7 @@ def _model_section(full: dict[str, torch.Tensor], args: Any, name: str) -> dict:
         raise CheckpointError(f"{name}: common.pt has no args.num_attention_heads: the heads are unknown")
     positions = full["wpe.weight"].shape[0]
     return {
-        "_target_": GPT_TARGET, "name": name,
+        "_target_": BERT_TARGET if "tte.weight" in full else GPT_TARGET, "name": name,
         "num_layers": 1 + max(int(n.split(".")[1]) for n in full if n.startswith("blocks.")),
         "hidden_size": full["wte.weight"].shape[1], "num_attention_heads": heads,
         "seq_length": min(getattr(args, "seq_length", None) or positions, positions),
@@ -157,6 +175,8 @@ def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer:
         if needed not in full:
             raise CheckpointError(f"{label}: no {needed} tensor (mtlm needs learned positions and a final norm)")
     model = _model_section(full, args, Path(out_dir).name)
+    if model["_target_"] == BERT_TARGET:
+        _bert_parts(full, model, args, label)
     rows = model["vocab_size"]
     saved_tensor = getattr(args, "tensor_model_parallel_size", 1) or 1
     extra = tokenizer_metadata(tokenizer, rows, label, model["make_vocab_size_divisible_by"], saved_tensor)

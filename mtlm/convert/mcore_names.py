@@ -41,10 +41,20 @@ GLOBAL = {
     "ln_f.weight": "decoder.final_layernorm.weight",
     "ln_f.bias": "decoder.final_layernorm.bias",
 }
+# megatron-core's BertModel (pre-LN; its layers under `encoder.` instead of `decoder.`) -> mtlm's BERT.
+BERT_GLOBAL = {
+    "embedding.word_embeddings.weight": "wte.weight", "embedding.position_embeddings.weight": "wpe.weight",
+    "embedding.tokentype_embeddings.weight": "tte.weight",
+    "encoder.final_layernorm.weight": "ln_f.weight", "encoder.final_layernorm.bias": "ln_f.bias",
+    "pooler.dense.weight": "pooler.weight", "pooler.dense.bias": "pooler.bias",
+    "lm_head.dense.weight": "lm_head.dense.weight", "lm_head.dense.bias": "lm_head.dense.bias",
+    "lm_head.layer_norm.weight": "lm_head.ln.weight", "lm_head.layer_norm.bias": "lm_head.ln.bias",
+    "output_layer.bias": "lm_head.bias", "binary_head.weight": "sop_head.weight", "binary_head.bias": "sop_head.bias",
+}
 OUTPUT_LAYER = "output_layer.weight"
 _FROM_LAYER = {name: ours for ours, names in LAYER.items() for name in names}
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
-_MCORE_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_MCORE_LAYER = re.compile(r"(?:decoder|encoder)\.layers\.(\d+)\.(.+)")
 
 
 def mcore_name(name: str, te: bool = False) -> str:
@@ -56,12 +66,13 @@ def mcore_name(name: str, te: bool = False) -> str:
 
 
 def mtlm_name(name: str) -> str | None:
-    """mtlm's name of a megatron-core GPT parameter (either spec), or None for one mtlm has no place for."""
+    """mtlm's name of a megatron-core GPT or BERT parameter (either spec), or None for one mtlm has no place
+    for."""
     m = _MCORE_LAYER.fullmatch(name)
     if m:
         ours = _FROM_LAYER.get(m[2])
         return f"blocks.{m[1]}.{ours}" if ours else None
-    return {v: k for k, v in GLOBAL.items()}.get(name)
+    return {v: k for k, v in GLOBAL.items()}.get(name) or BERT_GLOBAL.get(name)
 
 
 def to_mcore_state(full: dict, te: bool = False) -> dict:
