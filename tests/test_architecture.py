@@ -207,3 +207,17 @@ def test_model_options_default_from_the_typed_config() -> None:
     assert model_option(SimpleNamespace(), "activation") == ModelConfig.activation == "gelu_tanh"
     assert model_option({"activation": "gelu"}, "activation") == "gelu"  # a checkpoint's model section
     assert model_option(SimpleNamespace(vocab_size=None), "vocab_size") is None  # set to null stays null
+
+
+def test_docs_draw_the_layers_the_contract_states() -> None:
+    """docs/architecture.md's diagram is the layers contract of pyproject.toml, in its order (top first)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
+    layers = next(c for c in contracts["contracts"] if c["type"] == "layers")["layers"]
+    diagram = ARCHITECTURE.read_text(encoding="utf-8").split("```")[1].splitlines()
+    rows = [next((i for i, line in enumerate(diagram) if f" {layer} " in f" {line} "), None) for layer in layers]
+    assert None not in rows, [layer for layer, row in zip(layers, rows, strict=True) if row is None]
+    assert rows == sorted(rows), "the diagram lists the layers in another order than the contract"
