@@ -16,7 +16,6 @@ Nothing here is imported by mtlm.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import socket
 import warnings
@@ -82,8 +81,8 @@ def mcore_world(monkeypatch: pytest.MonkeyPatch, tensor: int = 1, pipeline: int 
                         staticmethod(_write_in_process))
     owned = not dist.is_initialized()
     if owned:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # undone with the other stand-ins
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(tensor, pipeline)
     try:
