@@ -46,6 +46,8 @@ def family(name: str) -> str:
         return "gemm"
     if is_attention(name):
         return "attention"
+    if name.startswith("Optimizer."):
+        return "optimizer"  # torch.optim's own annotation around step() / zero_grad()
     if not name.startswith("aten::") and not name.startswith("c10d::"):
         return "autograd"  # autograd nodes and the engine's wrappers around them
     if any(w in name for w in ("allreduce", "all_reduce", "broadcast", "all_gather", "allgather", "reduce_scatter",
@@ -83,8 +85,10 @@ def profile_step(step: Callable[[], Any]) -> tuple[float, list[Any]]:
     return wall, list(prof.events())
 
 
-def account(wall: float, events: list[Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(seconds per family, adding up to `wall`; the GEMM and attention calls in step order)."""
+def account(wall: float, events: list[Any], ops: dict[str, float] | None = None
+            ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(seconds per family, adding up to `wall`; the GEMM and attention calls in step order). `ops`, when
+    given, gets the seconds of every other op by name (where the rest of the step goes)."""
     seconds = dict.fromkeys(FAMILIES, 0.0)
     calls = []
     for e in sorted(events, key=lambda e: e.time_range.start):
@@ -97,6 +101,8 @@ def account(wall: float, events: list[Any]) -> tuple[dict[str, float], list[dict
                           "scalars": e.concrete_inputs, "in_step_s": t})
         else:
             t = e.self_cpu_time_total / 1e6
+            if ops is not None:
+                ops[e.name] = ops.get(e.name, 0.0) + t
         seconds[family(e.name)] += t
     seconds["untracked"] = wall - sum(seconds.values())
     return seconds, calls
@@ -206,14 +212,15 @@ def roofline(step: Callable[[], Any], device: torch.device, reps: int = 3, warmu
     profile_step(step)  # thrown away (see profile_step)
     profiled = sorted((profile_step(step) for _ in range(reps)), key=lambda p: p[0])
     wall, events = profiled[len(profiled) // 2]  # the median step: its every number comes from that one step
-    seconds, calls = account(wall, events)
+    ops: dict[str, float] = {}
+    seconds, calls = account(wall, events, ops)
     time_alone(calls, device, reps)
     kernels_alone = sum(c["alone_s"] for c in calls)
     step_s = statistics.median(times)
     rest = wall - seconds["gemm"] - seconds["attention"]
     return {"step_s": step_s, "profiled_step_s": wall, "families": seconds, "calls": calls,
             "kernels_alone_s": kernels_alone, "step_over_kernels": step_s / kernels_alone,
-            "rest_share": rest / wall}
+            "rest_share": rest / wall, "top_other_ops": sorted(ops.items(), key=lambda kv: -kv[1])[:10]}
 
 
 def _shape_text(call: dict[str, Any]) -> str:
@@ -234,4 +241,7 @@ def format_roofline(r: dict[str, Any], title: str = "") -> str:
     for name, t in r["families"].items():
         lines.append(f"    {name:13s} {t:9.4f} s {100 * t / wall:6.1f}%")
     lines.append(f"    {'sum':13s} {sum(r['families'].values()):9.4f} s (= the profiled step)")
+    lines.append("  the rest's biggest ops (self time):")
+    lines.extend(f"    {name[:60]:60s} {t:9.4f} s {100 * t / wall:6.1f}%  {family(name)}"
+                 for name, t in r["top_other_ops"])
     return "\n".join(lines)
