@@ -1,7 +1,8 @@
 """Pipeline parallelism (SC'21 §2.2) through torch.distributed.pipelining: GPT at (tensor, data, pipeline) =
-(2,1,2), (1,2,2), (1,1,4) with GPipe, 1F1B and interleaved 1F1B trains like one process (the same losses
-over 10 steps, the same weights after them, the same validation loss), and a checkpoint saved at one
-pipeline degree resumes at another."""
+(2,1,2), (1,2,2), (1,1,4) with GPipe, 1F1B and interleaved 1F1B (and at tensor 2 with sequence parallelism)
+trains like one process (the same losses over 10 steps, the same weights after them, the same validation
+loss), a checkpoint saved at one pipeline degree resumes at another, and an fp16 overflow on one stage skips
+the step on all."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ BASE = (*SMALL_MODEL, "model.num_layers=8", "model.dropout=0.0", "trainer.global
         "scheduler.warmup_steps=2", "optimizer=sgd", "optimizer.lr=0.5")
 SCHEDULES = {"gpipe": ("parallel.schedule=gpipe",), "1f1b": ("parallel.schedule=1f1b",),
              "interleaved_1f1b": ("parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2")}
+SEQUENCE = {"1f1b + sequence parallel": ("parallel.schedule=1f1b", "parallel.sequence=true")}  # tensor > 1
 
 
 def _owned_weights(trainer: Trainer, state: ParallelState) -> dict[str, torch.Tensor]:
@@ -47,7 +49,9 @@ def _owned_weights(trainer: Trainer, state: ParallelState) -> dict[str, torch.Te
 def _train(state: ParallelState, layout: tuple[str, ...], schedules: tuple[str, ...]) -> dict:
     out = {}
     for name in schedules:
-        trainer = Trainer(compose_config(*BASE, *layout, *SCHEDULES[name]), state, None, {})
+        overrides = {**SCHEDULES, **SEQUENCE}[name]
+        state.sequence = name in SEQUENCE  # the same groups; the grid only says where the stream is split
+        trainer = Trainer(compose_config(*BASE, *layout, *overrides), state, None, {})
         losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
         out[name] = {"losses": losses, "weights": _owned_weights(trainer, state),
                      "val_loss": trainer.evaluate()["val_loss"]}
@@ -85,8 +89,9 @@ def _assert_same(results: list[dict], ref: dict, label: str, same_val: bool) -> 
 @pytest.mark.parametrize("tensor,data,pipeline", [(2, 1, 2), (1, 2, 2), (1, 1, 4)])
 def test_pipeline_trains_like_one_process(reference: dict, tensor: int, data: int, pipeline: int) -> None:
     layout = (f"parallel.tensor={tensor}", f"parallel.data={data}", f"parallel.pipeline={pipeline}")
-    results = run_ranks(_train, 4, layout, tuple(SCHEDULES), tensor=tensor, pipeline=pipeline, timeout=300)
-    for name in SCHEDULES:
+    names = (*SCHEDULES, *(SEQUENCE if tensor > 1 else ()))
+    results = run_ranks(_train, 4, layout, names, tensor=tensor, pipeline=pipeline, timeout=300)
+    for name in names:
         _assert_same([r[name] for r in results], reference, f"t{tensor}d{data}p{pipeline} {name}", data == 1)
 
 
