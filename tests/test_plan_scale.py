@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from mtlm.checks import compose_error
 from mtlm.config import register_configs
 from mtlm.metrics import memory
-from mtlm.plan import perf, pipeline, sizing
+from mtlm.plan import perf, pipeline, search, sizing
 from mtlm.plan.__main__ import validate_plan
 from mtlm.plan.planner import make_plan
 from mtlm.train.objective import objective_for
@@ -211,3 +211,30 @@ def test_elementwise_bytes_by_hand() -> None:
         24 * 2048**2 * 10 + sbh * 40 + 4 * sbh * 10)
     assert perf.memory_bound_time(2.039e12, 2039.0) == pytest.approx(1.0)
     assert perf.memory_bound_time(1e9, None) == 0.0
+
+
+# ---- the layout search --------------------------------------------------------------------------------------
+
+
+def test_layouts_enumerated_by_hand() -> None:
+    """4 devices, 4 heads, 4 layers, seq 8, batch 4 (counted by hand): tensor 1 gives 14 layouts (P 1: b 1;
+    P 2: b 1 with V 1 or 2, b 2 with V 1; P 4: b 1, 2, 4; each with and without recompute), tensor 2 gives 28
+    (sequence parallelism doubles them), tensor 4 gives 12."""
+    found = list(search.layouts(4, 8, 4, 4, 8, 4))
+    assert len(found) == 54
+    assert all(x["tensor"] * x["pipeline"] * x["data"] == 4 for x in found)
+    assert sum(x["tensor"] == 1 for x in found) == 14 and sum(x["tensor"] == 4 for x in found) == 12
+    assert not any(x["sequence"] and x["tensor"] == 1 for x in found)
+    assert not any(x["tensor"] > 2 for x in search.layouts(4, 2, 4, 4, 8, 4))  # a tensor group inside a node
+
+
+def test_search_ranks_fitting_layouts() -> None:
+    cfg = plan_config("model=gpt2_345m", "model.seq_length=1024", "trainer.global_batch_size=16",
+                      "precision=fp16", "cluster=dgx_a100")
+    best, counts = search.search(cfg, 8, top=4)
+    assert counts["layouts"] >= counts["fit"] >= len(best) == 4
+    rates = [p["tokens_per_s"] for p in best]
+    assert rates == sorted(rates, reverse=True)
+    assert all(p["devices"] == 8 and p["fits"] for p in best)
+    cfg.cluster.device_memory_gb = 0.5  # nothing fits in half a GB
+    assert search.search(cfg, 8)[0] == []

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mtlm.config import model_option
@@ -38,7 +39,17 @@ class RankSizing:
     param_groups: dict[str, int] = field(default_factory=dict)
 
 
+_SIZED: dict[tuple[str, int, int], RankSizing] = {}  # the layout search plans one model at many layouts
+
+
 def size_rank(model_cfg: Any, vocab_size: int, tensor: int) -> RankSizing:
+    key = (OmegaConf.to_yaml(model_cfg) if isinstance(model_cfg, DictConfig) else repr(model_cfg), vocab_size, tensor)
+    if key not in _SIZED:
+        _SIZED[key] = _size_rank(model_cfg, vocab_size, tensor)
+    return _SIZED[key]
+
+
+def _size_rank(model_cfg: Any, vocab_size: int, tensor: int) -> RankSizing:
     model = meta_rank_model(model_cfg, vocab_size, tensor)
     params = list(model.parameters())
     per_rank = sum(p.numel() for p in params)
