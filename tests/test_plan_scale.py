@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from mtlm.checks import compose_error
 from mtlm.config import register_configs
 from mtlm.metrics import memory
-from mtlm.plan import perf, pipeline, search, sizing
+from mtlm.plan import cpu_check, perf, pipeline, search, sizing
 from mtlm.plan.__main__ import validate_plan
 from mtlm.plan.planner import make_plan
 from mtlm.train.objective import objective_for
@@ -238,3 +238,13 @@ def test_search_ranks_fitting_layouts() -> None:
     assert all(p["devices"] == 8 and p["fits"] for p in best)
     cfg.cluster.device_memory_gb = 0.5  # nothing fits in half a GB
     assert search.search(cfg, 8)[0] == []
+
+
+@pytest.mark.parametrize("name", sorted(cpu_check.LAYOUTS_ISSUE23))
+def test_cpu_check_issue23_layouts_are_valid(name: str) -> None:
+    """The prepared CPU check (run on idle cores: docs/planner.md) composes and validates as train.py would,
+    on at most 2 ranks."""
+    overrides = [*cpu_check.BASE, *cpu_check.LAYOUTS_ISSUE23[name]]
+    assert compose_error(CONF, overrides) is None
+    cfg = plan_config(*overrides, "cluster=dgx_a100", "trainer.device=auto")
+    assert cfg.parallel.tensor * cfg.parallel.data * cfg.parallel.pipeline <= 2

@@ -1,6 +1,6 @@
 """Predicted vs measured on this machine: docs/planner.md's CPU table.
 
-    python -m mtlm.plan.cpu_check --out multirun/plan_check [--reps 2] [--table-only]
+    python -m mtlm.plan.cpu_check --out multirun/plan_check [--reps 2] [--table-only] [--set issue23]
 
 Runs train.py on each layout (weak_scaling_cpu's tensor 1 and 2, and three more), then `python -m mtlm.plan`
 with the same overrides into <run dir>/plan/, and prints tokens/s measured and predicted with the error and the
@@ -27,14 +27,31 @@ LAYOUTS: dict[str, list[str]] = {
                                                "trainer.max_steps=20"],
 }
 
+# Issue 23: shapes and layouts the calibration did not see (hidden 512, micro-batch 2-8, tensor 2, data 2,
+# pipeline 2 with m = 2 and 8); at most 2 ranks each. Measure them on idle cores only (docs/planner.md).
+LAYOUTS_ISSUE23: dict[str, list[str]] = {
+    "h256, micro-batch 2 (4 accumulated)": ["scale=cpu_t1", "trainer.micro_batch_size=2", "trainer.max_steps=20"],
+    "h256, tensor 2": ["scale=cpu_t1", "parallel.tensor=2", "trainer.max_steps=20"],
+    "h512, micro-batch 8": ["scale=cpu_t1", "model.hidden_size=512", "trainer.max_steps=20"],
+    "h512, tensor 2, micro-batch 4": ["scale=cpu_t1", "model.hidden_size=512", "parallel.tensor=2",
+                                      "trainer.micro_batch_size=4", "trainer.max_steps=20"],
+    "h512, data 2, micro-batch 4": ["scale=cpu_t1", "model.hidden_size=512", "parallel.data=2",
+                                    "trainer.micro_batch_size=4", "trainer.max_steps=20"],
+    "h256, pipeline 2, m 2": ["scale=cpu_t1", "parallel.pipeline=2", "trainer.micro_batch_size=4",
+                              "trainer.max_steps=20"],
+    "h256, pipeline 2, m 8": ["scale=cpu_t1", "parallel.pipeline=2", "trainer.micro_batch_size=1",
+                              "trainer.max_steps=20"],
+}
+SETS = {"default": LAYOUTS, "issue23": LAYOUTS_ISSUE23}
+
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def run(out: Path, reps: int) -> None:
+def run(out: Path, reps: int, layouts: dict[str, list[str]]) -> None:
     for rep in range(1, reps + 1):
-        for name, overrides in LAYOUTS.items():
+        for name, overrides in layouts.items():
             run_dir = out / f"rep{rep}" / _slug(name)
             args = [*BASE, *overrides]
             subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"], check=True)
@@ -50,7 +67,7 @@ def table(out: Path) -> str:
         if not (summary.is_file() and plan.is_file()):
             continue
         s, p = json.loads(summary.read_text()), json.loads(plan.read_text())
-        name = next((n for n in LAYOUTS if _slug(n) == run_dir.name), run_dir.name)
+        name = next((n for n in (*LAYOUTS, *LAYOUTS_ISSUE23) if _slug(n) == run_dir.name), run_dir.name)
         lines.append(f"| {name} | {run_dir.parent.name[3:]} | {s.get('load_avg_1m') or 0:.1f} | "
                      f"{s['tokens_per_s']:,.0f} | {p['tokens_per_s']:,.0f} | "
                      f"{100 * (p['tokens_per_s'] / s['tokens_per_s'] - 1):+.0f}% |")
@@ -62,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="multirun/plan_check", help="where the runs go")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--table-only", action="store_true", help="only print the table of runs already there")
+    parser.add_argument("--set", choices=sorted(SETS), default="default", help="which layouts (issue23: new shapes)")
     args = parser.parse_args(argv)
     if not args.table_only:
-        run(Path(args.out), args.reps)
+        run(Path(args.out), args.reps, SETS[args.set])
     print(table(Path(args.out)))
     return 0
 
