@@ -27,11 +27,14 @@ from mtlm.errors import ConfigError as ConfigError  # re-exported: `from mtlm.co
 
 # The config tree (conf/ beside the package): every app composes from it (train.py, mtlm.evaluate, mtlm.plan, ...).
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+# The model classes `model._target_` names (mtlm/model/build.py builds them): the one place their paths are
+# spelled. GPT_TARGET is also what a config (or an older checkpoint) without `_target_` means.
+GPT_TARGET, BERT_TARGET = "mtlm.model.gpt.GPT", "mtlm.model.bert.BERT"
 
 @dataclass
 class ModelConfig:
     # The model class (mtlm/model/build.py); each preset names its family's: mtlm.model.gpt.GPT, .bert.BERT.
-    _target_: str = "mtlm.model.gpt.GPT"
+    _target_: str = GPT_TARGET
     name: str = MISSING
     num_layers: int = MISSING
     hidden_size: int = MISSING
@@ -341,7 +344,7 @@ def sweep_group_name(sweep_dir: str | Path) -> str:
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "vocab_size")
 # Keys that also change what the tensors mean, counted only away from GPT-2's values, so adding such a key to
 # the schema leaves every existing folder name as it was.
-SHAPE_KEYS_IF_NOT = {"_target_": "mtlm.model.gpt.GPT", "activation": "gelu_tanh", "layernorm_order": "pre"}
+SHAPE_KEYS_IF_NOT = {"_target_": GPT_TARGET, "activation": "gelu_tanh", "layernorm_order": "pre"}
 
 
 def shape_digest(model: Any, data: Any) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from mtlm.config import GPT_TARGET
 from mtlm.convert.writer import read_checkpoint, read_hf_safetensors, tokenizer_metadata, write_checkpoint
 from mtlm.errors import CheckpointError
 from mtlm.files import respect_umask
@@ -32,7 +33,6 @@ TOP_NAMES = {"wte.weight": "word_embeddings.weight", "ln_emb.weight": "word_embe
              "ln_emb.bias": "word_embeddings_layernorm.bias", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
 _FROM_LAYER = {v: k for k, v in LAYER_NAMES.items()}
 _FROM_TOP = {v: k for k, v in TOP_NAMES.items()}
-GPT_TARGET = "mtlm.model.gpt.GPT"
 
 
 def is_bloom(config: dict) -> bool:

@@ -33,8 +33,8 @@ from mtlm.checkpoint.format import (
     find_checkpoint,
     read_metadata,
 )
+from mtlm.config import BERT_TARGET
 from mtlm.convert.bloom import from_hf_bloom, is_bloom, is_bloom_model, to_hf_bloom
-from mtlm.convert.hf_bert import BERT_TARGET
 from mtlm.convert.hf_bert import from_hf as bert_from_hf
 from mtlm.convert.hf_bert import to_hf as bert_to_hf
 from mtlm.convert.writer import read_hf_safetensors, tokenizer_metadata, write_checkpoint

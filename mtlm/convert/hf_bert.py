@@ -26,10 +26,10 @@ from mtlm.checkpoint.format import (
     METADATA,
     CheckpointError,
 )
+from mtlm.config import BERT_TARGET
 from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
 from mtlm.files import respect_umask
 
-BERT_TARGET = "mtlm.model.bert.BERT"
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 # mtlm name -> transformers name, per layer (same layout: torch Linear / LayerNorm on both sides).
 LAYER_MAP = {"ln1": "attention.ln", "attn.proj": "attention.output.dense", "ln2": "ln",

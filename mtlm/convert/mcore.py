@@ -28,9 +28,10 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, F
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mtlm.checkpoint.format import PADDED_VOCAB, CheckpointError
+from mtlm.config import BERT_TARGET, GPT_TARGET
 from mtlm.convert.mcore_names import GLOBAL, LAYER, OUTPUT_LAYER, mtlm_name
 from mtlm.convert.mcore_torch import is_torch_format, read_mcore_torch
-from mtlm.convert.megatron import BERT_TARGET, GPT_TARGET, _activation, _check_args, _real_vocab
+from mtlm.convert.megatron import _activation, _check_args, _real_vocab
 from mtlm.convert.megatron_export import megatron_args
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.megatron_tokenizer import export_tokenizer, import_tokenizer

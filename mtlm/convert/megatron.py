@@ -26,7 +26,7 @@ import torch
 
 from mtlm.api import model_config
 from mtlm.checkpoint.format import PADDED_VOCAB
-from mtlm.config import CONF_DIR, model_option
+from mtlm.config import BERT_TARGET, CONF_DIR, GPT_TARGET, model_option
 from mtlm.convert.megatron_files import rank_files
 from mtlm.convert.megatron_tokenizer import import_tokenizer
 from mtlm.convert.pickles import safe_load
@@ -59,7 +59,6 @@ GLOBAL_NAMES = {
     r"lm_head\.bias": "lm_head.bias",
     r"binary_head\.(weight|bias)": r"sop_head.\1",
 }
-BERT_TARGET, GPT_TARGET = "mtlm.model.bert.BERT", "mtlm.model.gpt.GPT"
 VERSIONS = (0, 1.0, 2.0, 3.0)
 
 

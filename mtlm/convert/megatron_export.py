@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from mtlm.checkpoint.format import PADDED_VOCAB
-from mtlm.config import model_option
-from mtlm.convert.megatron import BERT_TARGET, LAYER_NAMES
+from mtlm.config import BERT_TARGET, model_option
+from mtlm.convert.megatron import LAYER_NAMES
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.megatron_tokenizer import MEGATRON_TOKENIZERS, export_tokenizer
 from mtlm.convert.writer import read_checkpoint

@@ -18,6 +18,7 @@ import torch
 
 from mtlm.api import model_config
 from mtlm.checkpoint.format import ShardReader, check_shard_headers, find_checkpoint, read_metadata
+from mtlm.config import GPT_TARGET
 from mtlm.data.text_tokenizer import (
     TextTokenizer,
     check_same_tokenizer,
@@ -31,8 +32,6 @@ from mtlm.model.gpt import GPT
 from mtlm.parallel.state import ParallelState
 from mtlm.train.checkpoint import load_weights
 from mtlm.train.precision import DTYPES
-
-GPT_TARGET = "mtlm.model.gpt.GPT"
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:

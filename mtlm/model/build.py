@@ -12,13 +12,11 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from torch import nn
 
-from mtlm.config import ATTENTION_IMPLS
+from mtlm.config import ATTENTION_IMPLS, GPT_TARGET
 from mtlm.errors import ConfigError
 from mtlm.model.alibi import validate_position_options
 from mtlm.model.transformer import ACTIVATIONS, LAYERNORM_ORDERS
 from mtlm.parallel.state import ParallelState
-
-GPT_TARGET = "mtlm.model.gpt.GPT"  # what a config (or an older checkpoint) without `_target_` means
 
 
 def model_target(cfg: Any) -> str:
