@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mtlm.config import GPT_TARGET
+from mtlm.convert import common
+from mtlm.convert.common import write_hf_folder
 from mtlm.convert.writer import read_checkpoint, read_hf_safetensors, tokenizer_metadata, write_checkpoint
 from mtlm.errors import CheckpointError
-from mtlm.files import respect_umask
 
 # mtlm's per-layer module -> BLOOM's (Hugging Face and Megatron-DeepSpeed use the same layer names).
 LAYER_NAMES = {"ln1": "input_layernorm", "attn.qkv": "self_attention.query_key_value",
@@ -62,11 +62,11 @@ def hf_name(name: str) -> str:
 def model_section(name: str, layers: int, hidden: int, heads: int, vocab: int, eps: float = 1e-5,
                   dropout: float = 0.0, init_std: float = 0.02, seq_length: int = 2048) -> dict:
     """The mtlm model section of a BLOOM (conf/model/bloom_*.yaml hold the same keys)."""
-    return {"_target_": GPT_TARGET, "name": name, "num_layers": layers, "hidden_size": hidden,
-            "num_attention_heads": heads, "seq_length": seq_length, "max_position_embeddings": seq_length,
-            "vocab_size": vocab, "make_vocab_size_divisible_by": 128, "dropout": dropout, "init_std": init_std,
-            "layernorm_eps": eps, "activation": "gelu_tanh", "position_embedding": "alibi",
-            "embedding_layernorm": True}
+    return common.model_section(GPT_TARGET, name, {"activation": "gelu_tanh", "position_embedding": "alibi",
+                                                   "embedding_layernorm": True},
+                                num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                seq_length=seq_length, max_position_embeddings=seq_length, vocab_size=vocab,
+                                dropout=dropout, init_std=init_std, layernorm_eps=eps)
 
 
 def _hf_to_mtlm(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
@@ -110,11 +110,6 @@ def to_hf_bloom(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write a transformers BloomForCausalLM folder (config.json, model.safetensors) from an mtlm checkpoint."""
     meta, full = read_checkpoint(checkpoint)
     m = meta["model"]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({hf_name(n): v.contiguous() for n, v in full.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    respect_umask(out / "model.safetensors")  # safetensors creates it 0600; exports are meant to be shared
     tok = meta.get("tokenizer") or {}
     config = {
         "architectures": ["BloomForCausalLM"], "model_type": "bloom", "vocab_size": m["vocab_size"],
@@ -126,5 +121,4 @@ def to_hf_bloom(checkpoint: str | Path, out_dir: str | Path) -> Path:
         "bos_token_id": 1, "eos_token_id": tok.get("eos_id", 2), "pad_token_id": 3,
         "mtlm": {"checkpoint": str(Path(checkpoint).resolve()), "step": meta["step"]},
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return out
+    return write_hf_folder(out_dir, {hf_name(n): v for n, v in full.items()}, config)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mtlm.api import model_config
 from mtlm.checkpoint.format import (
@@ -35,10 +34,10 @@ from mtlm.checkpoint.format import (
 )
 from mtlm.config import BERT_TARGET
 from mtlm.convert.bloom import from_hf_bloom, is_bloom, is_bloom_model, to_hf_bloom
+from mtlm.convert.common import model_section, reorder_qkv, write_hf_folder
 from mtlm.convert.hf_bert import from_hf as bert_from_hf
 from mtlm.convert.hf_bert import to_hf as bert_to_hf
 from mtlm.convert.writer import read_hf_safetensors, tokenizer_metadata, write_checkpoint
-from mtlm.files import respect_umask
 from mtlm.model.build import model_target
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -47,24 +46,14 @@ LAYER_MAP = {"ln1": "ln_1", "ln2": "ln_2", "attn.proj": "attn.c_proj", "mlp.fc":
              "mlp.proj": "mlp.c_proj"}
 
 
-def _qkv_rows(heads: int, head_dim: int, to_hf: bool) -> torch.Tensor:
-    """A permutation of the 3h fused rows: mtlm's [head][q,k,v][d] <-> HF's [q,k,v][head][d]."""
-    idx = torch.arange(3 * heads * head_dim)
-    if to_hf:  # HF row r = (which, head, d) comes from mtlm row (head, which, d)
-        return idx.view(heads, 3, head_dim).transpose(0, 1).reshape(-1)
-    return idx.view(3, heads, head_dim).transpose(0, 1).reshape(-1)
-
-
 def mtlm_to_hf(tensors: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
     """mtlm parameter names/layouts (unpadded vocab) -> GPT2LMHeadModel's state-dict names/layouts."""
-    h = tensors["wpe.weight"].shape[1]
-    perm = _qkv_rows(heads, h // heads, to_hf=True)
     out = {"transformer.wte.weight": tensors["wte.weight"], "transformer.wpe.weight": tensors["wpe.weight"],
            "transformer.ln_f.weight": tensors["ln_f.weight"], "transformer.ln_f.bias": tensors["ln_f.bias"]}
     for i in range(num_layers):
         src, dst = f"blocks.{i}.", f"transformer.h.{i}."
-        out[dst + "attn.c_attn.weight"] = tensors[src + "attn.qkv.weight"][perm].t()
-        out[dst + "attn.c_attn.bias"] = tensors[src + "attn.qkv.bias"][perm]
+        out[dst + "attn.c_attn.weight"] = reorder_qkv(tensors[src + "attn.qkv.weight"], heads, "h3d", "3hd").t()
+        out[dst + "attn.c_attn.bias"] = reorder_qkv(tensors[src + "attn.qkv.bias"], heads, "h3d", "3hd")
         for ours, theirs in LAYER_MAP.items():
             w = tensors[f"{src}{ours}.weight"]
             out[f"{dst}{theirs}.weight"] = w if ours.startswith("ln") else w.t()  # Conv1D: [in, out]
@@ -75,14 +64,12 @@ def mtlm_to_hf(tensors: dict[str, torch.Tensor], num_layers: int, heads: int) ->
 def hf_to_mtlm(tensors: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
     """The inverse of mtlm_to_hf. Accepts names with or without the `transformer.` prefix."""
     t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    h = t["wpe.weight"].shape[1]
-    perm = _qkv_rows(heads, h // heads, to_hf=False)
     out = {"wte.weight": t["wte.weight"], "wpe.weight": t["wpe.weight"], "ln_f.weight": t["ln_f.weight"],
            "ln_f.bias": t["ln_f.bias"]}
     for i in range(num_layers):
         src, dst = f"h.{i}.", f"blocks.{i}."
-        out[dst + "attn.qkv.weight"] = t[src + "attn.c_attn.weight"].t()[perm]
-        out[dst + "attn.qkv.bias"] = t[src + "attn.c_attn.bias"][perm]
+        out[dst + "attn.qkv.weight"] = reorder_qkv(t[src + "attn.c_attn.weight"].t(), heads, "3hd", "h3d")
+        out[dst + "attn.qkv.bias"] = reorder_qkv(t[src + "attn.c_attn.bias"], heads, "3hd", "h3d")
         for ours, theirs in LAYER_MAP.items():
             w = t[f"{src}{theirs}.weight"]
             out[f"{dst}{ours}.weight"] = w if ours.startswith("ln") else w.t()
@@ -107,10 +94,6 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         return bert_to_hf(meta, {n: reader.read_full(f"model.{n}") for n in names}, step_dir, out_dir)
     hf = mtlm_to_hf({n: reader.read_full(f"model.{n}") for n in names}, m.num_layers, m.num_attention_heads)
     eos = (meta.get("tokenizer") or {}).get("eos_id")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
-    respect_umask(out / "model.safetensors")  # safetensors creates it 0600; exports are meant to be shared
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
         "n_positions": m.max_position_embeddings, "n_ctx": m.max_position_embeddings, "n_embd": m.hidden_size,
@@ -124,8 +107,7 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         # mtlm's tokenizer (sentencepiece, not converted) ends each document with eos; GPT-2 uses it as bos too.
         "bos_token_id": eos, "eos_token_id": eos,
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return out
+    return write_hf_folder(out_dir, hf, config)
 
 
 def _config(hf_dir: Path) -> dict:
@@ -166,10 +148,10 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer:
     if heads % tensor:
         raise CheckpointError(f"--tensor {tensor} does not divide the model's {heads} attention heads")
     full = hf_to_mtlm(hf, layers, heads)
-    model = {"name": Path(hf_dir).name, "num_layers": layers, "hidden_size": h, "num_attention_heads": heads,
-             "seq_length": positions, "max_position_embeddings": positions, "vocab_size": vocab,
-             "make_vocab_size_divisible_by": 128, "dropout": config.get("resid_pdrop", 0.1),
-             "init_std": config.get("initializer_range", 0.02), "layernorm_eps": config.get("layer_norm_epsilon",
-                                                                                            1e-5)}
+    # No _target_: a GPT (these checkpoints were written before the key existed, and read the same).
+    model = model_section(None, Path(hf_dir).name, num_layers=layers, hidden_size=h, num_attention_heads=heads,
+                          seq_length=positions, max_position_embeddings=positions, vocab_size=vocab,
+                          dropout=config.get("resid_pdrop"), init_std=config.get("initializer_range"),
+                          layernorm_eps=config.get("layer_norm_epsilon"))
     return write_checkpoint(out_dir, model, full, tensor, {"huggingface": str(Path(hf_dir).resolve())},
                             tokenizer_metadata(tokenizer, vocab, str(hf_dir)))

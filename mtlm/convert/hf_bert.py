@@ -14,12 +14,10 @@ Its layer-norm eps defaults to 1e-12; the config written here sets mtlm's. Post-
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mtlm.api import model_config
 from mtlm.checkpoint.format import (
@@ -27,8 +25,8 @@ from mtlm.checkpoint.format import (
     CheckpointError,
 )
 from mtlm.config import BERT_TARGET
+from mtlm.convert.common import model_section, reorder_qkv, write_hf_folder
 from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
-from mtlm.files import respect_umask
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 # mtlm name -> transformers name, per layer (same layout: torch Linear / LayerNorm on both sides).
@@ -58,12 +56,11 @@ def mtlm_to_hf(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[
     out["cls.predictions.bias"] = t["lm_head.bias"]
     for i in range(num_layers):
         src, dst = f"blocks.{i}.", f"bert.encoder.layer.{i}."
-        w, b = t[src + "attn.qkv.weight"], t[src + "attn.qkv.bias"]
-        h = w.shape[1]
-        w, b = w.view(heads, 3, h // heads, h), b.view(heads, 3, h // heads)
+        w = reorder_qkv(t[src + "attn.qkv.weight"], heads, "h3d", "3hd").chunk(3)
+        b = reorder_qkv(t[src + "attn.qkv.bias"], heads, "h3d", "3hd").chunk(3)
         for j, name in enumerate(("query", "key", "value")):
-            out[f"{dst}attention.self.{name}.weight"] = w[:, j].reshape(h, h)
-            out[f"{dst}attention.self.{name}.bias"] = b[:, j].reshape(h)
+            out[f"{dst}attention.self.{name}.weight"] = w[j]
+            out[f"{dst}attention.self.{name}.bias"] = b[j]
         _rename(out, t, LAYER_MAP, True, src, dst)
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -75,12 +72,9 @@ def hf_to_mtlm(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[
     out["lm_head.bias"] = t["cls.predictions.bias"]
     for i in range(num_layers):
         src, dst = f"bert.encoder.layer.{i}.", f"blocks.{i}."
-        q, k, v = (t[f"{src}attention.self.{n}.weight"] for n in ("query", "key", "value"))
-        qb, kb, vb = (t[f"{src}attention.self.{n}.bias"] for n in ("query", "key", "value"))
-        h = q.shape[1]
-        d = h // heads
-        out[dst + "attn.qkv.weight"] = torch.stack([x.view(heads, d, h) for x in (q, k, v)], 1).reshape(3 * h, h)
-        out[dst + "attn.qkv.bias"] = torch.stack([x.view(heads, d) for x in (qb, kb, vb)], 1).reshape(3 * h)
+        for kind in ("weight", "bias"):  # transformers' three [q; k; v] are "3hd" stacked
+            qkv = torch.cat([t[f"{src}attention.self.{n}.{kind}"] for n in ("query", "key", "value")])
+            out[f"{dst}attn.qkv.{kind}"] = reorder_qkv(qkv, heads, "3hd", "h3d")
         _rename(out, t, LAYER_MAP, False, src, dst)
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -94,10 +88,6 @@ def to_hf(meta: dict, tensors: dict[str, torch.Tensor], step_dir: Path, out_dir:
                               "MegatronBert is pre-LN only; a post-LN BERT does not convert")
     hf = mtlm_to_hf(tensors, m.num_layers, m.num_attention_heads)
     tok = meta.get("tokenizer") or {}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
-    respect_umask(out / "model.safetensors")  # safetensors creates it 0600; exports are meant to be shared
     config = {
         "architectures": ["MegatronBertForPreTraining"], "model_type": "megatron-bert",
         "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
@@ -108,8 +98,7 @@ def to_hf(meta: dict, tensors: dict[str, torch.Tensor], step_dir: Path, out_dir:
         "position_embedding_type": "absolute", "tie_word_embeddings": True, "torch_dtype": "float32",
         "pad_token_id": tok.get("pad_id", 0), "mtlm": {"checkpoint": str(step_dir), "step": meta["step"]},
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return out
+    return write_hf_folder(out_dir, hf, config)
 
 
 def config_error(config: dict, config_path: Path) -> str | None:
@@ -136,11 +125,10 @@ def from_hf(config: dict, hf: dict[str, torch.Tensor], hf_dir: Path, out_dir: st
         raise CheckpointError(f"--tensor {tensor} does not divide the model's {heads} attention heads")
     vocab, positions = config["vocab_size"], config["max_position_embeddings"]
     activation = {v: k for k, v in HF_ACTIVATIONS.items()}[config.get("hidden_act", "gelu")]
-    model = {"_target_": BERT_TARGET, "name": hf_dir.name, "num_layers": layers, "hidden_size": h,
-             "num_attention_heads": heads, "seq_length": positions, "max_position_embeddings": positions,
-             "vocab_size": vocab, "make_vocab_size_divisible_by": 128,
-             "dropout": config.get("hidden_dropout_prob", 0.1), "init_std": config.get("initializer_range", 0.02),
-             "layernorm_eps": config.get("layer_norm_eps", 1e-12), "activation": activation,
-             "layernorm_order": "pre"}
+    model = model_section(BERT_TARGET, hf_dir.name, {"activation": activation, "layernorm_order": "pre"},
+                          num_layers=layers, hidden_size=h, num_attention_heads=heads, seq_length=positions,
+                          max_position_embeddings=positions, vocab_size=vocab,
+                          dropout=config.get("hidden_dropout_prob"), init_std=config.get("initializer_range"),
+                          layernorm_eps=config.get("layer_norm_eps", 1e-12))  # transformers' default eps
     return write_checkpoint(out_dir, model, hf_to_mtlm(hf, layers, heads), tensor,
                             {"huggingface": str(hf_dir.resolve())}, tokenizer_metadata(tokenizer, vocab, str(hf_dir)))
