@@ -6,6 +6,7 @@ namespace and file is gone afterwards (checked)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -58,6 +59,8 @@ def test_srun_two_nodes_equals_one_node(tmp_path: Path, cluster, one_node: Path)
                         f"hydra.run.dir={tmp_path / 'run'}"], timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:] + cluster.logs()
     assert losses(tmp_path / "run") == losses(one_node / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["hosts"] == [n.name for n in cluster.nodes]  # one rank on each node
     assert_identical(one_node / "ck" / "step_00000006", tmp_path / "ck" / "step_00000006")
 
 
@@ -103,3 +106,27 @@ def test_warning_signal_saves_requeues_and_resumes_bit_equal(tmp_path: Path, clu
     want, got = losses(one_node / "run"), losses(tmp_path / "run1")
     assert sorted(got) == [4, 5, 6] and got == {s: want[s] for s in (4, 5, 6)}
     assert_identical(one_node / "ck" / "step_00000006", tmp_path / "ck" / "step_00000006")
+
+
+def test_sweep_through_hydra_submitit_launcher_across_both_nodes(tmp_path: Path, cluster, one_node: Path) -> None:
+    """`python train.py -m hydra/launcher=slurm` (hydra-submitit-launcher): two jobs of one task per node on
+    both nodes, both ok, and the sweep's scaling report made from them."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs pip install -e '.[slurm]'")
+    env = {**cluster.env, **_env(one_node)}
+    sweep = tmp_path / "sweep"
+    proc = cluster.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm",
+                        "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1",
+                        "hydra.launcher.gpus_per_node=null",
+                        "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}",
+                        *RUN, "trainer.max_steps=3", "optimizer.lr=1e-3,2e-3"], timeout=400, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 jobs ok, 0 failed" in proc.stdout.strip().splitlines()[-1]
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["status"] == "ok" and summary["hosts"] == [n.name for n in cluster.nodes]
+    report = subprocess.run([sys.executable, "-m", "mtlm.report", str(sweep)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = [ln for ln in (sweep / "scaling.md").read_text().splitlines() if ln.startswith("| 0 |") or
+            ln.startswith("| 1 |")]
+    assert len(rows) == 2 and all("| 1 | 2 | 1 | 2 |" in r for r in rows)  # tensor 1, data 2, pipeline 1, 2 devices

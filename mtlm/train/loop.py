@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -256,6 +257,7 @@ class Trainer:
             "threads_per_rank": threads, "precision": c.precision.dtype,
             # The machine's 1-minute load at the end (our own ranks included): explains a slow run on shared cores.
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "hosts": self._hosts(),  # each rank's host, by rank: where a multi-node run's ranks ran
             "steps": self.step, "global_batch_size": c.trainer.global_batch_size,
             "seq_length": c.model.seq_length, "train_loss": metrics.get("loss"), **val,
             "timed_steps": timed_steps, "step_time_s": step_time,
@@ -267,6 +269,14 @@ class Trainer:
             "mfu": tflops / peak if peak else None,
             **self.memory_summary(), **self.precision.metrics(),
         }
+
+    def _hosts(self) -> list[str]:
+        """Every rank's hostname, by global rank (collective)."""
+        hosts: list[Any] = [socket.gethostname()]
+        if self.state.world_size > 1:
+            hosts = [None] * self.state.world_size
+            dist.all_gather_object(hosts, socket.gethostname())
+        return hosts
 
     def memory_summary(self) -> dict[str, Any]:
         """Peak memory per device: the CUDA allocator's peak on GPUs; on CPU the exact count of parameters,
