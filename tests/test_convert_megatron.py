@@ -59,10 +59,10 @@ def test_qkv_orders_by_version() -> None:
     mtlm_order = labels[2.0]  # [head][q,k,v][d]
     for version, order in {**labels, 3.0: labels[2.0]}.items():
         rows = torch.tensor([100 * w + 10 * h + d for w, h, d in order], dtype=torch.float32)
-        got = qkv_to_mtlm(rows, version, heads=2, head_dim=2)
+        got = qkv_to_mtlm(rows, version, heads=2)
         assert got.tolist() == [100 * w + 10 * h + d for w, h, d in mtlm_order], version
         weight = rows[:, None].expand(12, 3)  # a weight's columns travel with their row
-        assert torch.equal(qkv_to_mtlm(weight, version, 2, 2)[:, 1], got)
+        assert torch.equal(qkv_to_mtlm(weight, version, 2)[:, 1], got)
 
 
 # (checkpoint_version, 2.x names, args in the file, saved tensor ranks, zipped, legacy pickle, mtlm degree)

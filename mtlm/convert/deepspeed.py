@@ -26,6 +26,7 @@ import torch
 
 from mtlm.api import model_config
 from mtlm.convert import bloom
+from mtlm.convert.common import join_ranks
 from mtlm.convert.megatron import read_preset
 from mtlm.convert.pickles import safe_load
 from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
@@ -94,19 +95,6 @@ def _mtlm_name(key: str, layer: int) -> str | None:
     return bloom.mtlm_name(f"h.{layer - FIRST_LAYER}.{key}")
 
 
-def join(ranks: list[dict[str, torch.Tensor]], dims: dict[str, int | None]) -> dict[str, torch.Tensor]:
-    """Concatenate split tensors along their partition dim; average the replicated ones (in fp32)."""
-    out = {}
-    for name, first in ranks[0].items():
-        parts = [r[name] for r in ranks]
-        dim = dims[name]
-        if dim is not None:
-            out[name] = torch.cat(parts, dim) if len(parts) > 1 else first
-        else:
-            out[name] = torch.stack([p.float() for p in parts]).mean(0).to(first.dtype) if len(parts) > 1 else first
-    return out
-
-
 def from_deepspeed(src: str | Path, out_dir: str | Path, tensor: int = 1, preset: str | None = None,
                    num_attention_heads: int | None = None, tokenizer: Any = None) -> Path:
     """Import a Megatron-DeepSpeed BLOOM checkpoint as an mtlm checkpoint at tensor degree `tensor`.
@@ -132,7 +120,8 @@ def from_deepspeed(src: str | Path, out_dir: str | Path, tensor: int = 1, preset
                                 spec.get("layernorm_eps", 1e-5), spec.get("dropout", 0.0),
                                 spec.get("init_std", 0.02), spec.get("seq_length", 2048))
     shapes = build_on_meta(_namespace(model), rows, ParallelState())
-    full = join(ranks, {n: getattr(p, "partition_dim", None) for n, p in shapes.named_parameters()})
+    dims = {n: getattr(p, "partition_dim", None) for n, p in shapes.named_parameters()}
+    full = join_ranks(ranks, dims.get, label, replicated="mean")  # drifted copies: averaged
     extra = tokenizer_metadata(tokenizer, rows, label)
     source = {"deepspeed": str(folder.resolve()), "tensor": len(ranks)}
     return write_checkpoint(out_dir, model, full, tensor, source, extra)

@@ -27,11 +27,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from mtlm.checkpoint.format import PADDED_VOCAB, CheckpointError
+from mtlm.checkpoint.format import CheckpointError
 from mtlm.config import BERT_TARGET, GPT_TARGET
+from mtlm.convert.common import cut_vocab, pad_vocab
 from mtlm.convert.mcore_names import GLOBAL, LAYER, OUTPUT_LAYER, mtlm_name
 from mtlm.convert.mcore_torch import is_torch_format, read_mcore_torch
-from mtlm.convert.megatron import _activation, _check_args, _real_vocab
+from mtlm.convert.megatron import _check_args, _real_vocab
+from mtlm.convert.megatron import model_section as megatron_model_section
 from mtlm.convert.megatron_export import megatron_args
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.megatron_tokenizer import export_tokenizer, import_tokenizer
@@ -137,25 +139,6 @@ def _bert_parts(full: dict[str, torch.Tensor], model: dict, args: Any, label: st
                      "pooler.weight": torch.zeros(h, h), "pooler.bias": torch.zeros(h)})
 
 
-def _model_section(full: dict[str, torch.Tensor], args: Any, name: str) -> dict:
-    """mtlm's model section: shapes from the tensors, the rest from Megatron-LM's args."""
-    heads = getattr(args, "num_attention_heads", None)
-    if heads is None:
-        raise CheckpointError(f"{name}: common.pt has no args.num_attention_heads: the heads are unknown")
-    positions = full["wpe.weight"].shape[0]
-    return {
-        "_target_": BERT_TARGET if "tte.weight" in full else GPT_TARGET, "name": name,
-        "num_layers": 1 + max(int(n.split(".")[1]) for n in full if n.startswith("blocks.")),
-        "hidden_size": full["wte.weight"].shape[1], "num_attention_heads": heads,
-        "seq_length": min(getattr(args, "seq_length", None) or positions, positions),
-        "max_position_embeddings": positions, "vocab_size": full["wte.weight"].shape[0],
-        "make_vocab_size_divisible_by": getattr(args, "make_vocab_size_divisible_by", None) or 128,
-        "dropout": getattr(args, "hidden_dropout", 0.1), "init_std": getattr(args, "init_method_std", 0.02),
-        "layernorm_eps": getattr(args, "layernorm_epsilon", 1e-5), "activation": _activation(args),
-        "layernorm_order": "pre",
-    }
-
-
 def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None,
                args: Any = None, origin: str | None = None) -> Path:
     """Import a Megatron-Core torch_dist GPT checkpoint (any saved tensor / pipeline degree) at `tensor`.
@@ -175,16 +158,18 @@ def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer:
     for needed in ("wte.weight", "wpe.weight", "ln_f.weight"):
         if needed not in full:
             raise CheckpointError(f"{label}: no {needed} tensor (mtlm needs learned positions and a final norm)")
-    model = _model_section(full, args, Path(out_dir).name)
+    heads = getattr(args, "num_attention_heads", None)
+    if heads is None:
+        raise CheckpointError(f"{label}: common.pt has no args.num_attention_heads: the heads are unknown")
+    # Shapes from the (whole) tensors, the rest from the args, as for Megatron-LM's legacy files.
+    model = megatron_model_section(full, 1, args, {}, heads, Path(out_dir).name)
     if model["_target_"] == BERT_TARGET:
         _bert_parts(full, model, args, label)
     rows = model["vocab_size"]
     saved_tensor = getattr(args, "tensor_model_parallel_size", 1) or 1
     extra = tokenizer_metadata(tokenizer, rows, label, model["make_vocab_size_divisible_by"], saved_tensor)
     vocab = _real_vocab(rows, saved_tensor, model["make_vocab_size_divisible_by"], tokenizer, args, label)
-    for name in PADDED_VOCAB:
-        if name in full:
-            full[name] = full[name][:vocab]
+    cut_vocab(full, vocab)
     model["vocab_size"] = vocab
     source = {"megatron_core": origin or str(folder.resolve()), "iteration": common.get("iteration"),
               "tensor": saved_tensor, "pipeline": getattr(args, "pipeline_model_parallel_size", 1)}
@@ -209,10 +194,7 @@ def to_mcore(checkpoint: str | Path, out_dir: str | Path) -> Path:
             model.get("position_embedding", "learned") != "learned" or model.get("embedding_layernorm"):
         raise CheckpointError(f"{checkpoint}: to-mcore writes pre-LN GPT models with learned positions")
     padded = pad_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], 1)
-    for name in PADDED_VOCAB:
-        if name in full:
-            v = full[name]
-            full[name] = torch.cat([v, v.new_zeros(padded - v.shape[0], *v.shape[1:])])
+    pad_vocab(full, padded)
     layers = model["num_layers"]
     state: dict[str, Any] = {GLOBAL[n]: full[n] for n in GLOBAL}
     for ours, (_, dist_name) in LAYER.items():  # stacked over layers, TE names for the norms (as saved)

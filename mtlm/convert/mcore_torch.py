@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mtlm.checkpoint.format import CheckpointError
+from mtlm.convert.common import join_ranks
 from mtlm.convert.pickles import safe_load
 
 RANK_FILE = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -66,11 +67,9 @@ def read_mcore_torch(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     for stage in range(pipeline):
         ranks = [first["model"] if (t, stage) == (0, 0) else safe_load(files[(t, stage)])["model"]
                  for t in range(tensor)]
-        for name, value in ranks[0].items():
-            if not isinstance(value, torch.Tensor) or name.endswith("_extra_state"):
-                continue
-            dim = split_dim(name)
-            joined = value if dim is None or tensor == 1 else torch.cat([r[name] for r in ranks], dim)
+        ranks = [{n: v for n, v in r.items() if isinstance(v, torch.Tensor) and not n.endswith("_extra_state")}
+                 for r in ranks]
+        for name, joined in join_ranks(ranks, split_dim, str(folder)).items():
             m = _LAYER.fullmatch(name)
             if m and pipeline > 1:
                 name = f"decoder.layers.{stage * (layers // pipeline) + int(m[1])}.{m[2]}"

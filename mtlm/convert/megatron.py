@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from mtlm.api import model_config
-from mtlm.checkpoint.format import PADDED_VOCAB
 from mtlm.config import BERT_TARGET, CONF_DIR, GPT_TARGET, model_option
+from mtlm.convert import common
+from mtlm.convert.common import reorder_qkv
 from mtlm.convert.megatron_files import rank_files
 from mtlm.convert.megatron_tokenizer import import_tokenizer
 from mtlm.convert.pickles import safe_load
@@ -60,6 +61,7 @@ GLOBAL_NAMES = {
     r"binary_head\.(weight|bias)": r"sop_head.\1",
 }
 VERSIONS = (0, 1.0, 2.0, 3.0)
+QKV_ORDERS = {0: "3hd", 1.0: "hd3"}  # the fused qkv rows' order by checkpoint_version (common.reorder_qkv)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -85,16 +87,10 @@ def mtlm_name(name: str) -> str | None:
     return None
 
 
-def qkv_to_mtlm(rows: torch.Tensor, version: float, heads: int, head_dim: int) -> torch.Tensor:
-    """One rank's fused qkv rows (weight or bias) in `checkpoint_version`'s order -> mtlm's [head][q,k,v][d].
-
-    0: [q,k,v][head][d] (all queries first); 1.0: [head][d][q,k,v]; 2.0 and 3.0: [head][q,k,v][d]."""
-    rest = rows.shape[1:]
-    if version == 0:
-        rows = rows.reshape(3, heads, head_dim, *rest).transpose(0, 1)
-    elif version == 1.0:
-        rows = rows.reshape(heads, head_dim, 3, *rest).transpose(1, 2)
-    return rows.reshape(3 * heads * head_dim, *rest)
+def qkv_to_mtlm(rows: torch.Tensor, version: float, heads: int) -> torch.Tensor:
+    """One rank's fused qkv rows (weight or bias) of `heads` heads in `checkpoint_version`'s order -> mtlm's
+    [head][q,k,v][d]. 0: [q,k,v][head][d] (all queries first); 1.0: [head][d][q,k,v]; 2.0 and 3.0: mtlm's."""
+    return reorder_qkv(rows, heads, QKV_ORDERS.get(version, "h3d"), "h3d")
 
 
 def _version(ckpt: dict, label: str) -> float:
@@ -157,20 +153,16 @@ def join_ranks(ranks: list[dict[str, torch.Tensor]], version: float, heads: int,
     t = len(ranks)
     if heads % t:
         raise CheckpointError(f"{label}: {t} tensor ranks do not divide {heads} attention heads")
-    out = {}
-    for name, first in ranks[0].items():
-        parts = [r.get(name) for r in ranks]
-        if any(p is None for p in parts):
-            raise CheckpointError(f"{label}: tensor rank {parts.index(None)} has no {name}")
-        if ".attn.qkv." in name:
-            head_dim, left = divmod(first.shape[0], 3 * (heads // t))
-            if left:
-                raise CheckpointError(f"{label}: {name} has {first.shape[0]} rows per rank, not 3 x "
-                                      f"{heads // t} heads x head_dim (wrong --num-attention-heads?)")
-            parts = [qkv_to_mtlm(p, version, heads // t, head_dim) for p in parts]
-        dim = dims.get(name)
-        out[name] = parts[0] if dim is None or t == 1 else torch.cat(parts, dim)
-    return out
+
+    def mtlm_order(name: str, rows: torch.Tensor) -> torch.Tensor:
+        if ".attn.qkv." not in name:
+            return rows
+        if rows.shape[0] % (3 * (heads // t)):
+            raise CheckpointError(f"{label}: {name} has {rows.shape[0]} rows per rank, not 3 x "
+                                  f"{heads // t} heads x head_dim (wrong --num-attention-heads?)")
+        return qkv_to_mtlm(rows, version, heads // t)
+
+    return common.join_ranks([{n: mtlm_order(n, p) for n, p in r.items()} for r in ranks], dims.get, label)
 
 
 def _real_vocab(rows: int, saved_tensor: int, divisible: int, tokenizer: Any, args: Any, label: str) -> int:
@@ -205,19 +197,18 @@ def model_section(first: dict[str, torch.Tensor], saved_tensor: int, args: Any, 
     bert = "tte.weight" in first or "lm_head.bias" in first
     positions = first["wpe.weight"].shape[0]
     dropout = getattr(args, "hidden_dropout", None) if args is not None else spec.get("dropout")
-    return {
-        "_target_": BERT_TARGET if bert else GPT_TARGET, "name": name,
-        "num_layers": 1 + max(int(n.split(".")[1]) for n in first if n.startswith("blocks.")),
-        "hidden_size": first["wte.weight"].shape[1], "num_attention_heads": heads,
-        "seq_length": min(getattr(args, "seq_length", None) or spec.get("seq_length", positions), positions),
-        "max_position_embeddings": positions, "vocab_size": first["wte.weight"].shape[0] * saved_tensor,
-        "make_vocab_size_divisible_by": getattr(args, "make_vocab_size_divisible_by", None) or spec.get(
-            "make_vocab_size_divisible_by", 128),
-        "dropout": 0.1 if dropout is None else dropout, "init_std": getattr(args, "init_method_std", 0.02),
-        "layernorm_eps": getattr(args, "layernorm_epsilon", 1e-5),
-        "activation": _activation(args) if args is not None else model_option(spec, "activation"),
-        "layernorm_order": "pre",
-    }
+    options = {"activation": _activation(args) if args is not None else model_option(spec, "activation"),
+               "layernorm_order": "pre"}
+    return common.model_section(
+        BERT_TARGET if bert else GPT_TARGET, name, options,
+        num_layers=1 + max(int(n.split(".")[1]) for n in first if n.startswith("blocks.")),
+        hidden_size=first["wte.weight"].shape[1], num_attention_heads=heads,
+        seq_length=min(getattr(args, "seq_length", None) or spec.get("seq_length", positions), positions),
+        max_position_embeddings=positions, vocab_size=first["wte.weight"].shape[0] * saved_tensor,
+        make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", None) or spec.get(
+            "make_vocab_size_divisible_by"),
+        dropout=dropout, init_std=getattr(args, "init_method_std", None),
+        layernorm_eps=getattr(args, "layernorm_epsilon", None))
 
 
 def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset: str | None = None,
@@ -258,9 +249,7 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
         full["sop_head.bias"] = torch.zeros(2)
     extra = tokenizer_metadata(tokenizer, rows, label, model["make_vocab_size_divisible_by"], len(ranks))
     vocab = _real_vocab(rows, len(ranks), model["make_vocab_size_divisible_by"], tokenizer, args, label)
-    for name in PADDED_VOCAB:
-        if name in full:
-            full[name] = full[name][:vocab]
+    common.cut_vocab(full, vocab)
     model["vocab_size"] = vocab
     source = {"megatron": str(Path(src).resolve()), "iteration": info["iteration"],
               "checkpoint_version": version, "tensor": len(ranks)}

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from mtlm.checkpoint.format import PADDED_VOCAB
 from mtlm.config import BERT_TARGET, model_option
+from mtlm.convert.common import pad_vocab
 from mtlm.convert.megatron import LAYER_NAMES
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.megatron_tokenizer import MEGATRON_TOKENIZERS, export_tokenizer
@@ -104,10 +104,7 @@ def to_megatron(checkpoint: str | Path, out_dir: str | Path, tensor: int = 1) ->
     if model_option(model, "layernorm_order") != "pre" or model_option(model, "position_embedding") != "learned":
         raise CheckpointError(f"{checkpoint}: a post-LN or ALiBi model has no Megatron-LM 3.0 equivalent")
     padded = pad_vocab_size(model["vocab_size"], model["make_vocab_size_divisible_by"], tensor)
-    for name in PADDED_VOCAB:
-        if name in full:
-            v = full[name]
-            full[name] = torch.cat([v, v.new_zeros(padded - v.shape[0], *v.shape[1:])])
+    pad_vocab(full, padded)
     args = megatron_args(model, tensor, padded, meta.get("tokenizer"))
     vars(args).update(export_tokenizer(meta.get("tokenizer"), out, str(checkpoint)))  # files beside, named in args
     places = {name: megatron_place(name) for name in full}
