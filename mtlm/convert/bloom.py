@@ -12,14 +12,14 @@ head, [head][q, k, v][head_dim], exactly mtlm's, and its linear layers are torch
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mtlm.config import GPT_TARGET
+from mtlm.checkpoint.format import METADATA, find_checkpoint
+from mtlm.config import GPT_TARGET, model_option
 from mtlm.convert import common
 from mtlm.convert.common import write_hf_folder
 from mtlm.convert.writer import read_checkpoint, read_hf_safetensors, tokenizer_metadata, write_checkpoint
@@ -85,10 +85,8 @@ def _hf_to_mtlm(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torc
     return out
 
 
-def from_hf_bloom(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:
-    """Import a BloomForCausalLM folder (config.json + safetensors) as an mtlm checkpoint at `tensor`."""
-    hf_dir = Path(hf_dir)
-    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+def from_hf_bloom(hf_dir: Path, config: dict, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:
+    """Import a BloomForCausalLM folder (its config.json read as `config`) as an mtlm checkpoint at `tensor`."""
     where = hf_dir / "config.json"
     if config.get("apply_residual_connection_post_layernorm"):
         raise CheckpointError(f"{where}: apply_residual_connection_post_layernorm=true: the residual starts "
@@ -108,8 +106,14 @@ def from_hf_bloom(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, toke
 
 def to_hf_bloom(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write a transformers BloomForCausalLM folder (config.json, model.safetensors) from an mtlm checkpoint."""
-    meta, full = read_checkpoint(checkpoint)
+    step_dir = find_checkpoint(checkpoint)
+    meta, full = read_checkpoint(step_dir)
     m = meta["model"]
+    order, act = model_option(m, "layernorm_order"), model_option(m, "activation")
+    if order != "pre" or act != "gelu_tanh":
+        raise CheckpointError(f"{step_dir / METADATA}: model.layernorm_order={order}, "
+                              f"model.activation={act}: transformers' GPT-2 / BLOOM are pre-LN (BLOOM: tanh GeLU "
+                              "only)")
     tok = meta.get("tokenizer") or {}
     config = {
         "architectures": ["BloomForCausalLM"], "model_type": "bloom", "vocab_size": m["vocab_size"],
@@ -119,6 +123,6 @@ def to_hf_bloom(checkpoint: str | Path, out_dir: str | Path) -> Path:
         "apply_residual_connection_post_layernorm": False, "pretraining_tp": 1, "slow_but_exact": False,
         "tie_word_embeddings": True, "use_cache": True, "torch_dtype": "float32",
         "bos_token_id": 1, "eos_token_id": tok.get("eos_id", 2), "pad_token_id": 3,
-        "mtlm": {"checkpoint": str(Path(checkpoint).resolve()), "step": meta["step"]},
+        "mtlm": {"checkpoint": str(step_dir.resolve()), "step": meta["step"]},
     }
     return write_hf_folder(out_dir, {hf_name(n): v for n, v in full.items()}, config)

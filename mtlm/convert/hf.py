@@ -1,113 +1,56 @@
-"""Convert between mtlm checkpoints and Hugging Face transformers' GPT-2 (GPT2LMHeadModel); a BERT checkpoint
-or a `megatron-bert` folder converts as MegatronBertForPreTraining instead (mtlm/convert/hf_bert.py), a BLOOM
-checkpoint or folder as BloomForCausalLM (mtlm/convert/bloom.py).
+"""Hugging Face transformers folders <-> mtlm checkpoints, one adapter per architecture, picked from FORMATS:
+
+    gpt2           GPT2LMHeadModel               mtlm's GPT, learned positions     mtlm/convert/hf_gpt2.py
+    megatron-bert  MegatronBertForPreTraining    mtlm's BERT                       mtlm/convert/hf_bert.py
+    bloom          BloomForCausalLM              mtlm's GPT with ALiBi (BLOOM)     mtlm/convert/bloom.py
 
     python -m mtlm.convert to-hf checkpoints/gpt2_tiny hf/gpt2_tiny          # config.json + model.safetensors
     python -m mtlm.convert from-hf hf/gpt2 checkpoints/gpt2_hf --tensor 2 --vocab-file hf/gpt2/vocab.json \
         --merge-file hf/gpt2/merges.txt                                      # an mtlm checkpoint at degree 2
 
-The two GPT-2s are the same network (pre-LN, learned positions, tanh GeLU, tied embeddings, eps 1e-5); the
-tensors differ in layout only:
-- HF's linear layers are Conv1D, weight [in, out]: the transpose of mtlm's (and torch.nn.Linear's) [out, in].
-- HF's c_attn packs [q | k | v], each [heads][head_dim]; mtlm groups the fused rows by head,
-  [head][q, k, v][head_dim], so a tensor-parallel rank's rows are whole heads.
-- HF's vocabulary is unpadded; mtlm checkpoints store only the real rows too (padding depends on the degree).
-Tokenizer files given to from-hf are checked against the vocabulary and recorded in the checkpoint, so the
-tools use them. Nothing is unpickled: HF weights are read from safetensors only.
+Each adapter says which config.json it reads and which mtlm model section it writes, and converts its names
+and layouts both ways over the shared pieces (mtlm/convert/common.py). Tokenizer files given to from-hf are
+checked against the vocabulary and recorded in the checkpoint, so the tools use them. Nothing is unpickled:
+HF weights are read from safetensors only.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from mtlm.checkpoint.format import CheckpointError, find_checkpoint, read_metadata
+from mtlm.convert import bloom, hf_bert, hf_gpt2
 
-from mtlm.api import model_config
-from mtlm.checkpoint.format import (
-    METADATA,
-    CheckpointError,
-    ShardReader,
-    find_checkpoint,
-    read_metadata,
+
+@dataclass(frozen=True)
+class HFFormat:
+    """One transformers architecture: which folders and checkpoints are its, and the two conversions."""
+    model_type: str
+    reads: Callable[[dict], bool]  # a config.json is this architecture's
+    writes: Callable[[dict], bool]  # an mtlm model section converts to it
+    from_hf: Callable[[Path, dict, str | Path, int, Any], Path]  # (hf_dir, config, out_dir, tensor, tokenizer)
+    to_hf: Callable[[str | Path, str | Path], Path]  # (checkpoint, out_dir)
+
+
+FORMATS = (
+    HFFormat("bloom", bloom.is_bloom, bloom.is_bloom_model, bloom.from_hf_bloom, bloom.to_hf_bloom),
+    HFFormat("megatron-bert", hf_bert.reads, hf_bert.writes, hf_bert.from_hf, hf_bert.to_hf),
+    HFFormat("gpt2", hf_gpt2.reads, hf_gpt2.writes, hf_gpt2.from_hf, hf_gpt2.to_hf),
 )
-from mtlm.config import BERT_TARGET
-from mtlm.convert.bloom import from_hf_bloom, is_bloom, is_bloom_model, to_hf_bloom
-from mtlm.convert.common import model_section, reorder_qkv, write_hf_folder
-from mtlm.convert.hf_bert import from_hf as bert_from_hf
-from mtlm.convert.hf_bert import to_hf as bert_to_hf
-from mtlm.convert.writer import read_hf_safetensors, tokenizer_metadata, write_checkpoint
-from mtlm.model.build import model_target
-
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
-# mtlm name suffix -> HF name suffix, for the per-layer tensors whose layout is the same (or a transpose).
-LAYER_MAP = {"ln1": "ln_1", "ln2": "ln_2", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc",
-             "mlp.proj": "mlp.c_proj"}
-
-
-def mtlm_to_hf(tensors: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
-    """mtlm parameter names/layouts (unpadded vocab) -> GPT2LMHeadModel's state-dict names/layouts."""
-    out = {"transformer.wte.weight": tensors["wte.weight"], "transformer.wpe.weight": tensors["wpe.weight"],
-           "transformer.ln_f.weight": tensors["ln_f.weight"], "transformer.ln_f.bias": tensors["ln_f.bias"]}
-    for i in range(num_layers):
-        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
-        out[dst + "attn.c_attn.weight"] = reorder_qkv(tensors[src + "attn.qkv.weight"], heads, "h3d", "3hd").t()
-        out[dst + "attn.c_attn.bias"] = reorder_qkv(tensors[src + "attn.qkv.bias"], heads, "h3d", "3hd")
-        for ours, theirs in LAYER_MAP.items():
-            w = tensors[f"{src}{ours}.weight"]
-            out[f"{dst}{theirs}.weight"] = w if ours.startswith("ln") else w.t()  # Conv1D: [in, out]
-            out[f"{dst}{theirs}.bias"] = tensors[f"{src}{ours}.bias"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def hf_to_mtlm(tensors: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
-    """The inverse of mtlm_to_hf. Accepts names with or without the `transformer.` prefix."""
-    t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    out = {"wte.weight": t["wte.weight"], "wpe.weight": t["wpe.weight"], "ln_f.weight": t["ln_f.weight"],
-           "ln_f.bias": t["ln_f.bias"]}
-    for i in range(num_layers):
-        src, dst = f"h.{i}.", f"blocks.{i}."
-        out[dst + "attn.qkv.weight"] = reorder_qkv(t[src + "attn.c_attn.weight"].t(), heads, "3hd", "h3d")
-        out[dst + "attn.qkv.bias"] = reorder_qkv(t[src + "attn.c_attn.bias"], heads, "3hd", "h3d")
-        for ours, theirs in LAYER_MAP.items():
-            w = t[f"{src}{theirs}.weight"]
-            out[f"{dst}{ours}.weight"] = w if ours.startswith("ln") else w.t()
-            out[f"{dst}{ours}.bias"] = t[f"{src}{theirs}.bias"]
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write a transformers GPT2LMHeadModel folder (config.json, model.safetensors) from an mtlm checkpoint."""
-    step_dir = find_checkpoint(checkpoint)
-    meta = read_metadata(step_dir)
-    m = model_config(meta)
-    reader = ShardReader(step_dir, meta)
-    names = [n.removeprefix("model.") for n in meta["tensors"] if n.startswith("model.")]
-    if model_target(m) != BERT_TARGET and (m.layernorm_order != "pre" or (
-            is_bloom_model(meta["model"]) and m.activation != "gelu_tanh")):
-        raise CheckpointError(f"{step_dir / METADATA}: model.layernorm_order={m.layernorm_order}, model.activation="
-                              f"{m.activation}: transformers' GPT-2 / BLOOM are pre-LN (BLOOM: tanh GeLU only)")
-    if is_bloom_model(meta["model"]):  # BloomForCausalLM (mtlm/convert/bloom.py)
-        return to_hf_bloom(step_dir, out_dir)
-    if model_target(m) == BERT_TARGET:  # MegatronBertForPreTraining (mtlm/convert/hf_bert.py)
-        return bert_to_hf(meta, {n: reader.read_full(f"model.{n}") for n in names}, step_dir, out_dir)
-    hf = mtlm_to_hf({n: reader.read_full(f"model.{n}") for n in names}, m.num_layers, m.num_attention_heads)
-    eos = (meta.get("tokenizer") or {}).get("eos_id")
-    config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
-        "n_positions": m.max_position_embeddings, "n_ctx": m.max_position_embeddings, "n_embd": m.hidden_size,
-        "n_layer": m.num_layers, "n_head": m.num_attention_heads, "n_inner": None,
-        "activation_function": "gelu_new" if m.activation == "gelu_tanh" else "gelu",
-        "layer_norm_epsilon": m.layernorm_eps,
-        "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
-        "initializer_range": m.init_std, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
-        "torch_dtype": "float32", "mtlm": {"checkpoint": str(step_dir), "step": meta["step"]},
-        # mtlm's tokenizer (sentencepiece, not converted) ends each document with eos; GPT-2 uses it as bos too.
-        "bos_token_id": eos, "eos_token_id": eos,
-    }
-    return write_hf_folder(out_dir, hf, config)
+    """Write a transformers folder (config.json, model.safetensors) from an mtlm checkpoint: GPT2LMHeadModel,
+    MegatronBertForPreTraining or BloomForCausalLM, as its model section says."""
+    model = read_metadata(find_checkpoint(checkpoint))["model"]
+    fmt = next((f for f in FORMATS if f.writes(model)), None)
+    if fmt is None:
+        raise CheckpointError(f"{checkpoint}: model {model.get('_target_')} has no transformers equivalent here")
+    return fmt.to_hf(checkpoint, out_dir)
 
 
 def _config(hf_dir: Path) -> dict:
@@ -118,40 +61,14 @@ def _config(hf_dir: Path) -> dict:
         raise CheckpointError(f"{config_path}: cannot read a Hugging Face config ({err})") from None
 
 
-def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config_path = hf_dir / "config.json"
-    config = _config(hf_dir)
-    if config.get("model_type") not in ("gpt2", "megatron-bert"):
-        raise CheckpointError(f"{config_path}: model_type is {config.get('model_type')!r}, only gpt2, "
-                              "megatron-bert and bloom convert")
-    gpt = config["model_type"] == "gpt2"
-    if gpt and config.get("activation_function", "gelu_new") not in TANH_GELUS:
-        raise CheckpointError(f"{config_path}: activation_function {config['activation_function']!r}; mtlm's "
-                              f"GPT-2 uses the tanh GeLU ({' or '.join(TANH_GELUS)})")
-    if gpt and (config.get("n_inner") not in (None, 4 * config["n_embd"])
-                or config.get("scale_attn_by_inverse_layer_idx")):
-        raise CheckpointError(f"{config_path}: n_inner / scale_attn_by_inverse_layer_idx differ from GPT-2's")
-    # `.attn.bias` / `.attn.masked_bias`: GPT-2 attention-mask buffers some files hold; not weights.
-    return config, read_hf_safetensors(hf_dir, skip=(".attn.bias", ".attn.masked_bias"))
-
-
 def from_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:
     """Import a GPT2LMHeadModel (or MegatronBertForPreTraining, BloomForCausalLM) folder as an mtlm checkpoint
     folder (latest -> step_00000000) at `tensor`. `tokenizer`: checked against the vocabulary and recorded."""
-    if is_bloom(_config(Path(hf_dir))):  # BloomForCausalLM (mtlm/convert/bloom.py)
-        return from_hf_bloom(hf_dir, out_dir, tensor, tokenizer)
-    config, hf = _read_hf(Path(hf_dir))
-    if config["model_type"] == "megatron-bert":
-        return bert_from_hf(config, hf, Path(hf_dir), out_dir, tensor, tokenizer)
-    layers, heads, h = config["n_layer"], config["n_head"], config["n_embd"]
-    vocab, positions = config["vocab_size"], config["n_positions"]
-    if heads % tensor:
-        raise CheckpointError(f"--tensor {tensor} does not divide the model's {heads} attention heads")
-    full = hf_to_mtlm(hf, layers, heads)
-    # No _target_: a GPT (these checkpoints were written before the key existed, and read the same).
-    model = model_section(None, Path(hf_dir).name, num_layers=layers, hidden_size=h, num_attention_heads=heads,
-                          seq_length=positions, max_position_embeddings=positions, vocab_size=vocab,
-                          dropout=config.get("resid_pdrop"), init_std=config.get("initializer_range"),
-                          layernorm_eps=config.get("layer_norm_epsilon"))
-    return write_checkpoint(out_dir, model, full, tensor, {"huggingface": str(Path(hf_dir).resolve())},
-                            tokenizer_metadata(tokenizer, vocab, str(hf_dir)))
+    hf_dir = Path(hf_dir)
+    config = _config(hf_dir)
+    fmt = next((f for f in FORMATS if f.reads(config)), None)
+    if fmt is None:
+        names = ", ".join(f.model_type for f in FORMATS)
+        raise CheckpointError(f"{hf_dir / 'config.json'}: model_type is {config.get('model_type')!r}, only "
+                              f"{names} convert")
+    return fmt.from_hf(hf_dir, config, out_dir, tensor, tokenizer)

@@ -20,13 +20,10 @@ from typing import Any
 import torch
 
 from mtlm.api import model_config
-from mtlm.checkpoint.format import (
-    METADATA,
-    CheckpointError,
-)
+from mtlm.checkpoint.format import METADATA, CheckpointError, find_checkpoint
 from mtlm.config import BERT_TARGET
 from mtlm.convert.common import model_section, reorder_qkv, write_hf_folder
-from mtlm.convert.writer import tokenizer_metadata, write_checkpoint
+from mtlm.convert.writer import read_checkpoint, read_hf_safetensors, tokenizer_metadata, write_checkpoint
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 # mtlm name -> transformers name, per layer (same layout: torch Linear / LayerNorm on both sides).
@@ -79,9 +76,18 @@ def hf_to_mtlm(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def to_hf(meta: dict, tensors: dict[str, torch.Tensor], step_dir: Path, out_dir: str | Path) -> Path:
-    """Write a MegatronBertForPreTraining folder (config.json, model.safetensors) from a BERT checkpoint's
-    metadata and whole tensors (mtlm names, real vocabulary)."""
+def reads(config: dict) -> bool:
+    return config.get("model_type") == "megatron-bert"
+
+
+def writes(model: dict) -> bool:
+    return model.get("_target_") == BERT_TARGET
+
+
+def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write a MegatronBertForPreTraining folder (config.json, model.safetensors) from an mtlm BERT checkpoint."""
+    step_dir = find_checkpoint(checkpoint)
+    meta, tensors = read_checkpoint(step_dir)
     m = model_config(meta)
     if m.layernorm_order != "pre":
         raise CheckpointError(f"{step_dir / METADATA}: model.layernorm_order={m.layernorm_order}: transformers' "
@@ -113,10 +119,9 @@ def config_error(config: dict, config_path: Path) -> str | None:
     return None
 
 
-def from_hf(config: dict, hf: dict[str, torch.Tensor], hf_dir: Path, out_dir: str | Path, tensor: int,
-            tokenizer: Any = None) -> Path:
-    """Import a MegatronBertForPreTraining folder's config and tensors as an mtlm BERT checkpoint at `tensor`
-    (`tokenizer`: its WordPiece, checked against the vocabulary and recorded)."""
+def from_hf(hf_dir: Path, config: dict, out_dir: str | Path, tensor: int = 1, tokenizer: Any = None) -> Path:
+    """Import a MegatronBertForPreTraining folder (its config.json read as `config`) as an mtlm BERT checkpoint
+    at `tensor` (`tokenizer`: its WordPiece, checked against the vocabulary and recorded)."""
     problem = config_error(config, hf_dir / "config.json")
     if problem:
         raise CheckpointError(f"{hf_dir / 'config.json'}: {problem}")
@@ -130,5 +135,6 @@ def from_hf(config: dict, hf: dict[str, torch.Tensor], hf_dir: Path, out_dir: st
                           max_position_embeddings=positions, vocab_size=vocab,
                           dropout=config.get("hidden_dropout_prob"), init_std=config.get("initializer_range"),
                           layernorm_eps=config.get("layer_norm_eps", 1e-12))  # transformers' default eps
+    hf = read_hf_safetensors(hf_dir)
     return write_checkpoint(out_dir, model, hf_to_mtlm(hf, layers, heads), tensor,
                             {"huggingface": str(hf_dir.resolve())}, tokenizer_metadata(tokenizer, vocab, str(hf_dir)))
