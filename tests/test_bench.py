@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from mtlm.bench.pipeline import bench_pipeline, format_pipeline
 from mtlm.bench.speed import Shape, bench_speed, biggest_gemm
 from mtlm.bench.tp_scaling import bench_tp_scaling
 
@@ -114,6 +115,31 @@ def test_tp_scaling_reports_an_efficiency(cache_dir) -> None:
     r = bench_tp_scaling(TINY, tensor=2, reps=1, warmup=0)
     assert r["t1_s"] > 0 and r["tt_s"] > 0 and len(r["t1_all"]) == len(r["tt_all"]) == 1
     assert r["efficiency"] == pytest.approx(r["t1_s"] / (2 * r["tt_s"]))
+
+
+@pytest.mark.multiprocess
+def test_pipeline_scaling_table_has_every_layout_and_the_formula(cache_dir) -> None:
+    shape = Shape(hidden=32, layers=4, heads=4, seq=16, batch=1, vocab=400)
+    r = bench_pipeline(shape, micro_batches=(2, 4), reps=1, warmup=0, timeout_s=120)
+    rows = r["rows"]
+    assert [(x["pipeline"], x["virtual"], x["schedule"], x["micro_batches"]) for x in rows] == [
+        (1, 1, "-", 2), (2, 1, "1f1b", 2), (2, 2, "interleaved_1f1b", 2),
+        (1, 1, "-", 4), (2, 1, "1f1b", 4), (2, 2, "interleaved_1f1b", 4)]
+    assert [x["formula"] for x in rows] == [0.0, 0.5, 0.25, 0.0, 0.25, 0.125]  # (P-1)/(v m)
+    for m in (2, 4):
+        ref, *piped = [x for x in rows if x["micro_batches"] == m]
+        assert ref["measured"] is None and ref["step_s"] > 0
+        for x in piped:  # the derivation, not the timing: P t_P / t_1 - 1 over the same reference
+            assert x["ideal_s"] == pytest.approx(ref["step_s"] / 2)
+            assert x["measured"] == pytest.approx(2 * x["step_s"] / ref["step_s"] - 1)
+    body = [line for line in format_pipeline(r).splitlines() if re.match(r"\| [12] \|", line)]
+    assert [line.rsplit("|", 2)[-2].strip() for line in body] == ["0.000", "0.500", "0.250", "0.000", "0.250",
+                                                                  "0.125"]
+
+
+def test_pipeline_scaling_refuses_two_pipeline_degrees_in_one_run() -> None:
+    with pytest.raises(ValueError, match="one pipeline degree per run"):
+        bench_pipeline(layouts=((2, 1, "1f1b"), (4, 1, "1f1b")))
 
 
 @pytest.mark.slow

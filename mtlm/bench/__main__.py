@@ -1,7 +1,8 @@
-"""python -m mtlm.bench [--precision fp32 bf16] [--tp-scaling] ...: see mtlm/bench/speed.py, tp_scaling.py.
+"""python -m mtlm.bench [--precision fp32 bf16] [--tp-scaling] ...: see mtlm/bench/speed.py, tp_scaling.py, pipeline.py.
 
     python -m mtlm.bench                      # default CPU shape, fp32 then bf16, all cores for both sides
     python -m mtlm.bench --tp-scaling         # wide shape, tensor 2 (2 ranks x 1 thread) against tensor 1
+    python -m mtlm.bench --pipeline-scaling   # pipeline 2 (1F1B, interleaved v=2) vs 1: bubble vs (P-1)/(v m)
     python -m mtlm.bench --hidden 64 --layers 2 --heads 4 --seq 32 --batch 2 --vocab 512 --reps 2 --warmup 1
     python -m mtlm.bench --model gpt2_345m --precision bf16   # a preset's shape (on a GPU), vocab 50257
     python -m mtlm.bench --roofline           # mtlm's step against its own GEMM + attention kernels (fp32)
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mtlm.bench.pipeline import MICRO_BATCHES, SMALL, bench_pipeline, format_pipeline
 from mtlm.bench.roofline import format_roofline, roofline
 from mtlm.bench.speed import Shape, bench_speed, compose_config, format_speed, mtlm_step
 from mtlm.bench.tp_scaling import WIDE, bench_tp_scaling, format_tp_scaling
@@ -31,6 +33,10 @@ from mtlm.parallel.state import ParallelState
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mtlm.bench", description=__doc__.split("\n")[0])
     p.add_argument("--tp-scaling", action="store_true", help="tensor-parallel strong scaling (CPU, gloo)")
+    p.add_argument("--pipeline-scaling", action="store_true", help="the pipeline bubble at pipeline 2 (1F1B and "
+                   "interleaved, v=2) against pipeline 1, next to (P-1)/(v m) (CPU, gloo; mtlm/bench/pipeline.py)")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=list(MICRO_BATCHES),
+                   help="micro-batch counts m for --pipeline-scaling")
     p.add_argument("--roofline", action="store_true", help="every GEMM and attention call of one mtlm step, in "
                    "the step and alone, and the rest by op family (CPU; mtlm/bench/roofline.py)")
     p.add_argument("--no-gemm-check", action="store_true", help="skip timing each comparator's GEMMs alone")
@@ -44,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", nargs="+", default=None, choices=("fp32", "bf16"),
                    help="default: fp32 bf16 (speed), fp32 (--tp-scaling)")
     p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; 5 for --tp-scaling)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; 1 for --tp-scaling)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions (default 7; 5 for --tp-scaling, --pipeline-scaling)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default 2; 1 for --tp-scaling, --pipeline-scaling)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--compile", action="store_true", help="trainer.compile=true for the mtlm side")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (no ratio)")
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     flush_denormals()  # first: every comparator runs in this process's threads, all flushing (issue 26)
     parser = _parser()
     args = parser.parse_args(argv)
-    base = WIDE if args.tp_scaling else Shape()
+    base = WIDE if args.tp_scaling else SMALL if args.pipeline_scaling else Shape()
     if args.model is not None:
         base = _preset_shape(args.model, parser)
     dims = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "seq", "batch", "vocab")}
@@ -75,6 +83,13 @@ def main(argv: list[str] | None = None) -> None:
             r.update(shape=asdict(shape), precision=precision, threads=threads)
             print(format_roofline(r, f"{precision}, {threads} threads, {asdict(shape)}"), flush=True)
             results.append(r)
+    elif args.pipeline_scaling:
+        if args.precision not in (None, ["fp32"]):
+            parser.error("--pipeline-scaling times fp32 only; drop --precision")
+        r = bench_pipeline(shape, tuple(args.micro_batches), reps=args.reps or 5,
+                           warmup=1 if args.warmup is None else args.warmup)
+        print(format_pipeline(r), flush=True)
+        results.append(r)
     elif args.tp_scaling:
         for precision in args.precision or ["fp32"]:
             r = bench_tp_scaling(shape, args.tensor, precision, args.reps or 5,
