@@ -12,7 +12,6 @@ head, [head][q, k, v][head_dim], exactly mtlm's, and its linear layers are torch
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,9 @@ LAYER_NAMES = {"ln1": "input_layernorm", "attn.qkv": "self_attention.query_key_v
                "mlp.fc": "mlp.dense_h_to_4h", "mlp.proj": "mlp.dense_4h_to_h"}
 TOP_NAMES = {"wte.weight": "word_embeddings.weight", "ln_emb.weight": "word_embeddings_layernorm.weight",
              "ln_emb.bias": "word_embeddings_layernorm.bias", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
-_FROM_LAYER = {v: k for k, v in LAYER_NAMES.items()}
-_FROM_TOP = {v: k for k, v in TOP_NAMES.items()}
+# Their names without transformers' `transformer.` (BloomModel's own, and Megatron-DeepSpeed's per-layer files).
+NAMES = common.NameMap(("h.{}.",), {f"{k}.{w}": f"{v}.{w}" for k, v in LAYER_NAMES.items() for w in ("weight", "bias")},
+                       TOP_NAMES)
 
 
 def is_bloom(config: dict) -> bool:
@@ -46,17 +46,12 @@ def is_bloom_model(model: dict) -> bool:
 
 def mtlm_name(hf_name: str) -> str | None:
     """A BloomForCausalLM / BloomModel parameter name -> mtlm's, or None if it is not one."""
-    name = hf_name.removeprefix("transformer.")
-    m = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m:
-        return f"blocks.{m[1]}.{_FROM_LAYER[m[2]]}.{m[3]}" if m[2] in _FROM_LAYER else None
-    return _FROM_TOP.get(name)
+    return NAMES.ours(hf_name.removeprefix("transformer."))
 
 
 def hf_name(name: str) -> str:
     """mtlm's name -> BloomForCausalLM's state-dict name."""
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
-    return f"transformer.h.{m[1]}.{LAYER_NAMES[m[2]]}.{m[3]}" if m else f"transformer.{TOP_NAMES[name]}"
+    return f"transformer.{NAMES.theirs(name)}"
 
 
 def model_section(name: str, layers: int, hidden: int, heads: int, vocab: int, eps: float = 1e-5,

@@ -1,5 +1,6 @@
 """The pieces every format's adapter shares, so each is written once:
 
+- NameMap: a format's parameter names <-> mtlm's (per layer and whole-model), both ways;
 - model_section: an mtlm checkpoint's model section, its defaults taken from the typed ModelConfig;
 - reorder_qkv: the fused qkv rows between any two orders of their (which of q/k/v, head, head_dim) axes;
 - join_ranks: tensor-parallel ranks' slices -> whole tensors, along each parameter's split dim;
@@ -10,7 +11,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,34 @@ from mtlm.files import respect_umask
 # fall back to ModelConfig's defaults (mtlm/config.py), the one place they are stated.
 _SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings", "vocab_size")
 _DEFAULTED = ("make_vocab_size_divisible_by", "dropout", "init_std", "layernorm_eps")
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class NameMap:
+    """mtlm's parameter names <-> a format's. Per-layer ones, `blocks.N.<suffix>` <-> `layers[0].format(N)` +
+    `layer[suffix]`; the rest one to one (`top`). Read only: the other layer prefixes in `layers`, and the
+    format's other spellings in `read_layer` / `read_top` (another layer spec's names, another generation's)."""
+    layers: tuple[str, ...]  # the format's per-layer prefixes, `{}` for the layer number; the first is written
+    layer: dict[str, str]  # mtlm per-layer suffix -> the format's
+    top: dict[str, str]  # mtlm name -> the format's
+    read_layer: dict[str, str] = field(default_factory=dict)  # the format's other suffixes -> mtlm's
+    read_top: dict[str, str] = field(default_factory=dict)  # the format's other names -> mtlm's
+
+    def theirs(self, name: str) -> str:
+        """The format's name of mtlm parameter `name` (KeyError: the format has no place for it)."""
+        m = _BLOCK.fullmatch(name)
+        return f"{self.layers[0].format(m[1])}{self.layer[m[2]]}" if m else self.top[name]
+
+    def ours(self, name: str) -> str | None:
+        """mtlm's name of the format's parameter `name`, or None: mtlm has no place for it."""
+        for prefix in self.layers:
+            head, tail = prefix.split("{}")
+            m = re.fullmatch(rf"{re.escape(head)}(\d+){re.escape(tail)}(.+)", name)
+            if m:
+                ours = {v: k for k, v in self.layer.items()}.get(m[2]) or self.read_layer.get(m[2])
+                return f"blocks.{m[1]}.{ours}" if ours else None
+        return {v: k for k, v in self.top.items()}.get(name) or self.read_top.get(name)
 
 
 def model_section(target: str | None, name: str, options: dict[str, Any] | None = None, **keys: Any) -> dict:

@@ -8,6 +8,10 @@ Megatron's `metadata.json` ({"sharded_backend": "torch_dist", ...}) and `common.
 Megatron-LM run folder holds `latest_checkpointed_iteration.txt` and `iter_NNNNNNN/` folders. Its tensors are
 stored whole (global shapes), whatever tensor and pipeline degrees saved them: torch.distributed.checkpoint
 joins the shards, and the layers are one stacked tensor per parameter (mtlm/convert/mcore_names.py).
+This is the adapter shape every format follows: the name map both ways (mcore_names.LOCAL / TE, a
+common.NameMap), the tensor transforms both ways (stack/unstack the layers here, join per-rank files in
+mcore_torch.py with common.join_ranks, pad/cut the vocabulary with common.pad_vocab / cut_vocab), and the model
+section from the args through the shared builder (megatron.model_section -> common.model_section).
 The pickles (`.metadata`, `common.pt`) are read through allow-lists (mtlm/convert/pickles.py); tensors are
 read with torch's weights-only loader, and nothing else (optimizer state, RNG objects) is read at all.
 """

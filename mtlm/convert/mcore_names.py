@@ -18,7 +18,7 @@ tensors are copied, never permuted. Megatron's linear weights are [out, in], as 
 
 from __future__ import annotations
 
-import re
+from mtlm.convert.common import NameMap
 
 # mtlm block parameter -> (local-spec name, TE-spec / torch_dist name), under decoder.layers.N.
 LAYER = {
@@ -52,27 +52,22 @@ BERT_GLOBAL = {
     "output_layer.bias": "lm_head.bias", "binary_head.weight": "sop_head.weight", "binary_head.bias": "sop_head.bias",
 }
 OUTPUT_LAYER = "output_layer.weight"
-_FROM_LAYER = {name: ours for ours, names in LAYER.items() for name in names}
-_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
-_MCORE_LAYER = re.compile(r"(?:decoder|encoder)\.layers\.(\d+)\.(.+)")
+_PREFIXES = ("decoder.layers.{}.", "encoder.layers.{}.")  # GPTModel's decoder, BertModel's encoder
+# The local spec's names (the module tree's), reading the TE names and BertModel's too; and the TE names.
+LOCAL = NameMap(_PREFIXES, {k: v[0] for k, v in LAYER.items()}, GLOBAL,
+                read_layer={v[1]: k for k, v in LAYER.items()}, read_top=BERT_GLOBAL)
+TE = NameMap(_PREFIXES, {k: v[1] for k, v in LAYER.items()}, GLOBAL)
 
 
 def mcore_name(name: str, te: bool = False) -> str:
     """megatron-core's name of mtlm parameter `name` (local spec, or TE names with te=True)."""
-    m = _BLOCK.fullmatch(name)
-    if m:
-        return f"decoder.layers.{m[1]}.{LAYER[m[2]][int(te)]}"
-    return GLOBAL[name]
+    return (TE if te else LOCAL).theirs(name)
 
 
 def mtlm_name(name: str) -> str | None:
     """mtlm's name of a megatron-core GPT or BERT parameter (either spec), or None for one mtlm has no place
     for."""
-    m = _MCORE_LAYER.fullmatch(name)
-    if m:
-        ours = _FROM_LAYER.get(m[2])
-        return f"blocks.{m[1]}.{ours}" if ours else None
-    return {v: k for k, v in GLOBAL.items()}.get(name) or BERT_GLOBAL.get(name)
+    return LOCAL.ours(name)
 
 
 def to_mcore_state(full: dict, te: bool = False) -> dict:
