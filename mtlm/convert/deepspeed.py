@@ -24,14 +24,12 @@ from typing import Any
 
 import torch
 
-from mtlm.api import model_config
 from mtlm.convert import bloom
 from mtlm.convert.common import join_ranks
 from mtlm.convert.megatron import read_preset
 from mtlm.convert.pickles import safe_load
-from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
+from mtlm.convert.writer import partition_dims, tokenizer_metadata, write_checkpoint
 from mtlm.errors import CheckpointError
-from mtlm.parallel.state import ParallelState
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
 FIRST_LAYER = 3  # layer_03 is block 0
@@ -119,13 +117,8 @@ def from_deepspeed(src: str | Path, out_dir: str | Path, tensor: int = 1, preset
     model = bloom.model_section(preset or Path(out_dir).name, layers, hidden, heads, rows,
                                 spec.get("layernorm_eps", 1e-5), spec.get("dropout", 0.0),
                                 spec.get("init_std", 0.02), spec.get("seq_length", 2048))
-    shapes = build_on_meta(_namespace(model), rows, ParallelState())
-    dims = {n: getattr(p, "partition_dim", None) for n, p in shapes.named_parameters()}
+    dims = partition_dims(model, rows)
     full = join_ranks(ranks, dims.get, label, replicated="mean")  # drifted copies: averaged
     extra = tokenizer_metadata(tokenizer, rows, label)
     source = {"deepspeed": str(folder.resolve()), "tensor": len(ranks)}
     return write_checkpoint(out_dir, model, full, tensor, source, extra)
-
-
-def _namespace(model: dict) -> Any:
-    return model_config({"model": model})

@@ -33,16 +33,16 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mtlm.checkpoint.format import CheckpointError
 from mtlm.config import BERT_TARGET, GPT_TARGET
-from mtlm.convert.common import cut_vocab, pad_vocab
+from mtlm.convert.common import pad_vocab
 from mtlm.convert.mcore_names import GLOBAL, LAYER, OUTPUT_LAYER, mtlm_name
 from mtlm.convert.mcore_torch import is_torch_format, read_mcore_torch
-from mtlm.convert.megatron import _check_args, _real_vocab
+from mtlm.convert.megatron import _check_args, cut_to_real_vocab
 from mtlm.convert.megatron import model_section as megatron_model_section
 from mtlm.convert.megatron_export import megatron_args
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.megatron_tokenizer import export_tokenizer, import_tokenizer
 from mtlm.convert.pickles import load_common, load_dcp_metadata
-from mtlm.convert.writer import read_checkpoint, tokenizer_metadata, write_checkpoint
+from mtlm.convert.writer import read_checkpoint, write_checkpoint
 from mtlm.parallel.layers import pad_vocab_size
 
 CONFIG = "metadata.json"
@@ -169,12 +169,8 @@ def from_mcore(src: str | Path, out_dir: str | Path, tensor: int = 1, tokenizer:
     model = megatron_model_section(full, 1, args, {}, heads, Path(out_dir).name)
     if model["_target_"] == BERT_TARGET:
         _bert_parts(full, model, args, label)
-    rows = model["vocab_size"]
     saved_tensor = getattr(args, "tensor_model_parallel_size", 1) or 1
-    extra = tokenizer_metadata(tokenizer, rows, label, model["make_vocab_size_divisible_by"], saved_tensor)
-    vocab = _real_vocab(rows, saved_tensor, model["make_vocab_size_divisible_by"], tokenizer, args, label)
-    cut_vocab(full, vocab)
-    model["vocab_size"] = vocab
+    extra = cut_to_real_vocab(full, model, tokenizer, args, saved_tensor, label)
     source = {"megatron_core": origin or str(folder.resolve()), "iteration": common.get("iteration"),
               "tensor": saved_tensor, "pipeline": getattr(args, "pipeline_model_parallel_size", 1)}
     return write_checkpoint(out_dir, model, full, tensor, source, extra)

@@ -24,17 +24,15 @@ from typing import Any
 
 import torch
 
-from mtlm.api import model_config
 from mtlm.config import BERT_TARGET, CONF_DIR, GPT_TARGET, model_option
 from mtlm.convert import common
 from mtlm.convert.common import reorder_qkv
 from mtlm.convert.megatron_files import rank_files
 from mtlm.convert.megatron_tokenizer import import_tokenizer
 from mtlm.convert.pickles import safe_load
-from mtlm.convert.writer import build_on_meta, tokenizer_metadata, write_checkpoint
+from mtlm.convert.writer import partition_dims, tokenizer_metadata, write_checkpoint
 from mtlm.errors import CheckpointError
 from mtlm.parallel.layers import pad_vocab_size
-from mtlm.parallel.state import ParallelState
 
 # mtlm's per-layer module name -> (Megatron 1.x name, Megatron 2.x name). 2.x renamed attention only.
 LAYER_NAMES = {
@@ -180,6 +178,17 @@ def _real_vocab(rows: int, saved_tensor: int, divisible: int, tokenizer: Any, ar
     return size
 
 
+def cut_to_real_vocab(full: dict[str, torch.Tensor], model: dict, tokenizer: Any, args: Any, saved_tensor: int,
+                      label: str) -> dict | None:
+    """Check the tokenizer against the padded embedding (model.vocab_size rows), then cut `full` and the model
+    section to the real vocabulary (_real_vocab). Returns the tokenizer's metadata entry (None without one)."""
+    rows, divisible = model["vocab_size"], model["make_vocab_size_divisible_by"]
+    extra = tokenizer_metadata(tokenizer, rows, label, divisible, saved_tensor)
+    model["vocab_size"] = _real_vocab(rows, saved_tensor, divisible, tokenizer, args, label)
+    common.cut_vocab(full, model["vocab_size"])
+    return extra
+
+
 def _activation(args: Any) -> str:
     """Megatron-LM's GeLU: its fused bias-GeLU kernel (the default, and all 2019-2020 code) and --openai-gelu
     are the tanh approximation; only --no-bias-gelu-fusion without --openai-gelu runs the exact (erf) one."""
@@ -238,8 +247,7 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
             if have is not None and value is not None and have != value:
                 raise CheckpointError(f"{label}: {where} says {key}={have}, the checkpoint has {value}")
     rows = model["vocab_size"]
-    shapes = build_on_meta(model_config({"model": model}), rows, ParallelState())
-    dims = {n: getattr(p, "partition_dim", None) for n, p in shapes.named_parameters()}
+    dims = partition_dims(model, rows)
     full = join_ranks(ranks, version, heads, dims, label)
     if "sop_head.weight" in dims and "sop_head.weight" not in full:
         # Trained without --bert-binary-head: mtlm's BERT has one; it starts at zero (logits 0: no opinion).
@@ -247,10 +255,7 @@ def from_megatron(src: str | Path, out_dir: str | Path, tensor: int = 1, preset:
               file=sys.stderr)
         full["sop_head.weight"] = torch.zeros(2, model["hidden_size"])
         full["sop_head.bias"] = torch.zeros(2)
-    extra = tokenizer_metadata(tokenizer, rows, label, model["make_vocab_size_divisible_by"], len(ranks))
-    vocab = _real_vocab(rows, len(ranks), model["make_vocab_size_divisible_by"], tokenizer, args, label)
-    common.cut_vocab(full, vocab)
-    model["vocab_size"] = vocab
+    extra = cut_to_real_vocab(full, model, tokenizer, args, len(ranks), label)
     source = {"megatron": str(Path(src).resolve()), "iteration": info["iteration"],
               "checkpoint_version": version, "tensor": len(ranks)}
     return write_checkpoint(out_dir, model, full, tensor, source, extra)

@@ -49,6 +49,13 @@ def build_on_meta(cfg: Any, vocab_size: int, state: ParallelState) -> nn.Module:
     return build_model(cfg, vocab_size, state, device="meta")
 
 
+def partition_dims(model: dict, rows: int) -> dict[str, int | None]:
+    """Each parameter's tensor-parallel split dim (None: replicated) in the model a model section describes,
+    with `rows` vocabulary rows: how a format's per-rank slices join."""
+    shapes = build_on_meta(model_config({"model": model}), rows, ParallelState())
+    return {n: getattr(p, "partition_dim", None) for n, p in shapes.named_parameters()}
+
+
 def check_names(full: dict[str, torch.Tensor], model: nn.Module, origin: str) -> None:
     """The converted tensors are exactly the model's parameters, each with its shape (unpadded vocab)."""
     params = dict(model.named_parameters())
