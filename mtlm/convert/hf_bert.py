@@ -14,6 +14,7 @@ Its layer-norm eps defaults to 1e-12; the config written here sets mtlm's. Post-
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,58 +23,51 @@ import torch
 from mtlm.api import model_config
 from mtlm.checkpoint.format import METADATA, CheckpointError, find_checkpoint
 from mtlm.config import BERT_TARGET
-from mtlm.convert.common import model_section, reorder_qkv, write_hf_folder
+from mtlm.convert.common import NameMap, model_section, reorder_qkv, write_hf_folder
 from mtlm.convert.writer import read_checkpoint, read_hf_safetensors, tokenizer_metadata, write_checkpoint
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
-# mtlm name -> transformers name, per layer (same layout: torch Linear / LayerNorm on both sides).
-LAYER_MAP = {"ln1": "attention.ln", "attn.proj": "attention.output.dense", "ln2": "ln",
-             "mlp.fc": "intermediate.dense", "mlp.proj": "output.dense"}
-TOP_MAP = {"wte": "bert.embeddings.word_embeddings", "wpe": "bert.embeddings.position_embeddings",
-           "tte": "bert.embeddings.token_type_embeddings", "ln_f": "bert.encoder.ln", "pooler": "bert.pooler.dense",
-           "lm_head.dense": "cls.predictions.transform.dense", "lm_head.ln": "cls.predictions.transform.LayerNorm",
-           "sop_head": "cls.seq_relationship"}
+# mtlm name -> transformers name, per layer (same layout: torch Linear / LayerNorm on both sides); q, k and v
+# are three linears there (mtlm_to_hf / hf_to_mtlm split and fuse them).
+_LAYERS = {"ln1": "attention.ln", "attn.proj": "attention.output.dense", "ln2": "ln", "mlp.fc": "intermediate.dense",
+           "mlp.proj": "output.dense"}
+_TOP = {"wte": "bert.embeddings.word_embeddings", "wpe": "bert.embeddings.position_embeddings",
+        "tte": "bert.embeddings.token_type_embeddings", "ln_f": "bert.encoder.ln", "pooler": "bert.pooler.dense",
+        "lm_head.dense": "cls.predictions.transform.dense", "lm_head.ln": "cls.predictions.transform.LayerNorm",
+        "sop_head": "cls.seq_relationship"}
+_WB = ("weight", "bias")
+NAMES = NameMap(("bert.encoder.layer.{}.",), {f"{k}.{w}": f"{v}.{w}" for k, v in _LAYERS.items() for w in _WB},
+                {**{f"{k}.{w}": f"{v}.{w}" for k, v in _TOP.items() for w in _WB},
+                 "lm_head.bias": "cls.predictions.bias"})
+_QKV = ("query", "key", "value")
+_QUERY = re.compile(r"bert\.encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)")
 
 
-def _rename(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], names: dict[str, str], to_hf: bool,
-            src: str = "", dst: str = "", optional: bool = False) -> None:
-    """Copy each weight and bias of `names` (mtlm name -> transformers name) from `t` into `out`, mtlm to
-    transformers or back, under the prefixes `src` / `dst`. `optional`: skip those `t` lacks."""
-    for ours, theirs in names.items():
-        old, new = (ours, theirs) if to_hf else (theirs, ours)
-        for kind in ("weight", "bias"):
-            if not optional or f"{src}{old}.{kind}" in t:
-                out[f"{dst}{new}.{kind}"] = t[f"{src}{old}.{kind}"]
-
-
-def mtlm_to_hf(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
+def mtlm_to_hf(t: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
     """mtlm BERT parameter names/layouts (unpadded vocab) -> MegatronBertForPreTraining's state dict."""
     out: dict[str, torch.Tensor] = {}
-    _rename(out, t, TOP_MAP, True, optional=True)
-    out["cls.predictions.bias"] = t["lm_head.bias"]
-    for i in range(num_layers):
-        src, dst = f"blocks.{i}.", f"bert.encoder.layer.{i}."
-        w = reorder_qkv(t[src + "attn.qkv.weight"], heads, "h3d", "3hd").chunk(3)
-        b = reorder_qkv(t[src + "attn.qkv.bias"], heads, "h3d", "3hd").chunk(3)
-        for j, name in enumerate(("query", "key", "value")):
-            out[f"{dst}attention.self.{name}.weight"] = w[j]
-            out[f"{dst}attention.self.{name}.bias"] = b[j]
-        _rename(out, t, LAYER_MAP, True, src, dst)
-    return {k: v.contiguous() for k, v in out.items()}
+    for name, value in t.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", name)
+        if m:  # transformers' three [q; k; v] stacked are "3hd"
+            for part, rows in zip(_QKV, reorder_qkv(value, heads, "h3d", "3hd").chunk(3), strict=True):
+                out[f"bert.encoder.layer.{m[1]}.attention.self.{part}.{m[2]}"] = rows.contiguous()
+        else:
+            out[NAMES.theirs(name)] = value.contiguous()
+    return out
 
 
-def hf_to_mtlm(t: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
+def hf_to_mtlm(t: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
     """The inverse of mtlm_to_hf (the tied decoder weight and its bias alias are not needed)."""
     out: dict[str, torch.Tensor] = {}
-    _rename(out, t, TOP_MAP, False, optional=True)
-    out["lm_head.bias"] = t["cls.predictions.bias"]
-    for i in range(num_layers):
-        src, dst = f"bert.encoder.layer.{i}.", f"blocks.{i}."
-        for kind in ("weight", "bias"):  # transformers' three [q; k; v] are "3hd" stacked
-            qkv = torch.cat([t[f"{src}attention.self.{n}.{kind}"] for n in ("query", "key", "value")])
-            out[f"{dst}attn.qkv.{kind}"] = reorder_qkv(qkv, heads, "3hd", "h3d")
-        _rename(out, t, LAYER_MAP, False, src, dst)
-    return {k: v.contiguous() for k, v in out.items()}
+    for key, value in t.items():
+        m = _QUERY.fullmatch(key)
+        if m:
+            src = key.removesuffix(f"query.{m[2]}")
+            qkv = torch.cat([t[f"{src}{part}.{m[2]}"] for part in _QKV])
+            out[f"blocks.{m[1]}.attn.qkv.{m[2]}"] = reorder_qkv(qkv, heads, "3hd", "h3d").contiguous()
+        elif (name := NAMES.ours(key)) is not None:
+            out[name] = value.contiguous()
+    return out
 
 
 def reads(config: dict) -> bool:
@@ -92,7 +86,7 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if m.layernorm_order != "pre":
         raise CheckpointError(f"{step_dir / METADATA}: model.layernorm_order={m.layernorm_order}: transformers' "
                               "MegatronBert is pre-LN only; a post-LN BERT does not convert")
-    hf = mtlm_to_hf(tensors, m.num_layers, m.num_attention_heads)
+    hf = mtlm_to_hf(tensors, m.num_attention_heads)
     tok = meta.get("tokenizer") or {}
     config = {
         "architectures": ["MegatronBertForPreTraining"], "model_type": "megatron-bert",
@@ -136,5 +130,5 @@ def from_hf(hf_dir: Path, config: dict, out_dir: str | Path, tensor: int = 1, to
                           dropout=config.get("hidden_dropout_prob"), init_std=config.get("initializer_range"),
                           layernorm_eps=config.get("layer_norm_eps", 1e-12))  # transformers' default eps
     hf = read_hf_safetensors(hf_dir)
-    return write_checkpoint(out_dir, model, hf_to_mtlm(hf, layers, heads), tensor,
+    return write_checkpoint(out_dir, model, hf_to_mtlm(hf, heads), tensor,
                             {"huggingface": str(hf_dir.resolve())}, tokenizer_metadata(tokenizer, vocab, str(hf_dir)))

@@ -19,44 +19,39 @@ import torch
 from mtlm.api import model_config
 from mtlm.checkpoint.format import METADATA, CheckpointError, find_checkpoint
 from mtlm.config import GPT_TARGET
-from mtlm.convert.common import model_section, reorder_qkv, write_hf_folder
+from mtlm.convert.common import NameMap, model_section, reorder_qkv, write_hf_folder
 from mtlm.convert.writer import read_checkpoint, read_hf_safetensors, tokenizer_metadata, write_checkpoint
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
-# mtlm name suffix -> HF name suffix, for the per-layer tensors whose layout is the same (or a transpose).
-LAYER_MAP = {"ln1": "ln_1", "ln2": "ln_2", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc",
-             "mlp.proj": "mlp.c_proj"}
+# mtlm's names <-> GPT2LMHeadModel's (without its `transformer.`); every tensor has the same layout but these.
+_LAYERS = {"ln1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "ln2": "ln_2", "mlp.fc": "mlp.c_fc",
+           "mlp.proj": "mlp.c_proj"}
+NAMES = NameMap(("h.{}.",), {f"{k}.{w}": f"{v}.{w}" for k, v in _LAYERS.items() for w in ("weight", "bias")},
+                {n: n for n in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")})
+_CONV1D = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc.weight", ".mlp.proj.weight")  # HF: [in, out]
 
 
-def mtlm_to_hf(tensors: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
+def mtlm_to_hf(tensors: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
     """mtlm parameter names/layouts (unpadded vocab) -> GPT2LMHeadModel's state-dict names/layouts."""
-    out = {"transformer.wte.weight": tensors["wte.weight"], "transformer.wpe.weight": tensors["wpe.weight"],
-           "transformer.ln_f.weight": tensors["ln_f.weight"], "transformer.ln_f.bias": tensors["ln_f.bias"]}
-    for i in range(num_layers):
-        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
-        out[dst + "attn.c_attn.weight"] = reorder_qkv(tensors[src + "attn.qkv.weight"], heads, "h3d", "3hd").t()
-        out[dst + "attn.c_attn.bias"] = reorder_qkv(tensors[src + "attn.qkv.bias"], heads, "h3d", "3hd")
-        for ours, theirs in LAYER_MAP.items():
-            w = tensors[f"{src}{ours}.weight"]
-            out[f"{dst}{theirs}.weight"] = w if ours.startswith("ln") else w.t()  # Conv1D: [in, out]
-            out[f"{dst}{theirs}.bias"] = tensors[f"{src}{ours}.bias"]
-    return {k: v.contiguous() for k, v in out.items()}
+    out = {}
+    for name, t in tensors.items():
+        if ".attn.qkv." in name:
+            t = reorder_qkv(t, heads, "h3d", "3hd")
+        out[f"transformer.{NAMES.theirs(name)}"] = (t.t() if name.endswith(_CONV1D) else t).contiguous()
+    return out
 
 
-def hf_to_mtlm(tensors: dict[str, torch.Tensor], num_layers: int, heads: int) -> dict[str, torch.Tensor]:
-    """The inverse of mtlm_to_hf. Accepts names with or without the `transformer.` prefix."""
-    t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    out = {"wte.weight": t["wte.weight"], "wpe.weight": t["wpe.weight"], "ln_f.weight": t["ln_f.weight"],
-           "ln_f.bias": t["ln_f.bias"]}
-    for i in range(num_layers):
-        src, dst = f"h.{i}.", f"blocks.{i}."
-        out[dst + "attn.qkv.weight"] = reorder_qkv(t[src + "attn.c_attn.weight"].t(), heads, "3hd", "h3d")
-        out[dst + "attn.qkv.bias"] = reorder_qkv(t[src + "attn.c_attn.bias"], heads, "3hd", "h3d")
-        for ours, theirs in LAYER_MAP.items():
-            w = t[f"{src}{theirs}.weight"]
-            out[f"{dst}{ours}.weight"] = w if ours.startswith("ln") else w.t()
-            out[f"{dst}{ours}.bias"] = t[f"{src}{theirs}.bias"]
-    return {k: v.contiguous() for k, v in out.items()}
+def hf_to_mtlm(tensors: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
+    """The inverse of mtlm_to_hf. Accepts names with or without the `transformer.` prefix; the tied
+    lm_head.weight is not needed."""
+    out = {}
+    for key, t in tensors.items():
+        name = NAMES.ours(key.removeprefix("transformer."))
+        if name is None:
+            continue
+        t = t.t() if name.endswith(_CONV1D) else t
+        out[name] = (reorder_qkv(t, heads, "3hd", "h3d") if ".attn.qkv." in name else t).contiguous()
+    return out
 
 
 def writes(model: dict) -> bool:
@@ -72,7 +67,7 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if m.layernorm_order != "pre":
         raise CheckpointError(f"{step_dir / METADATA}: model.layernorm_order={m.layernorm_order}, model.activation="
                               f"{m.activation}: transformers' GPT-2 / BLOOM are pre-LN (BLOOM: tanh GeLU only)")
-    hf = mtlm_to_hf(full, m.num_layers, m.num_attention_heads)
+    hf = mtlm_to_hf(full, m.num_attention_heads)
     eos = (meta.get("tokenizer") or {}).get("eos_id")
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
@@ -113,7 +108,7 @@ def from_hf(hf_dir: Path, config: dict, out_dir: str | Path, tensor: int = 1, to
     vocab, positions = config["vocab_size"], config["n_positions"]
     if heads % tensor:
         raise CheckpointError(f"--tensor {tensor} does not divide the model's {heads} attention heads")
-    full = hf_to_mtlm(hf, layers, heads)
+    full = hf_to_mtlm(hf, heads)
     # No _target_: a GPT (these checkpoints were written before the key existed, and read the same).
     model = model_section(None, Path(hf_dir).name, num_layers=layers, hidden_size=h, num_attention_heads=heads,
                           seq_length=positions, max_position_embeddings=positions, vocab_size=vocab,
