@@ -28,7 +28,9 @@ from mtlm.data.text_tokenizer import (
 )
 from mtlm.data.text_tokenizer import load_tokenizer as load_tokenizer_spec
 from mtlm.errors import CheckpointError, DataError
+from mtlm.model.build import build_model
 from mtlm.model.gpt import GPT
+from mtlm.model.spec import spec_for
 from mtlm.parallel.state import ParallelState
 from mtlm.train.checkpoint import load_weights
 from mtlm.train.precision import DTYPES
@@ -41,15 +43,20 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     meta = read_metadata(step_dir)
     check_shard_headers(step_dir, meta)
     target = meta["model"].get("_target_") or GPT_TARGET
-    if target != GPT_TARGET:
+    try:
+        causal = spec_for(model_config(meta)).causal_lm
+    except Exception:  # a class that no longer imports, or no mtlm family: not a model this can score either
+        causal = False
+    if not causal:
         raise CheckpointError(f"{step_dir}: holds a {target.rsplit('.', 1)[-1]} model; evaluation and "
                               "generation need a GPT (a causal language model)")
     return step_dir, meta
 
 
 def load_gpt(step_dir: Path, meta: dict, state: ParallelState) -> GPT:
-    """This rank's share of the checkpoint's GPT at state.tensor, in eval mode (no dropout)."""
-    gpt = GPT(model_config(meta), meta["model"]["vocab_size"], state, device=state.device)
+    """This rank's share of the checkpoint's causal LM (read_checkpoint checked its spec) at state.tensor, in
+    eval mode (no dropout)."""
+    gpt = build_model(model_config(meta), meta["model"]["vocab_size"], state, device=state.device)
     load_weights(ShardReader(step_dir, meta), state, gpt)
     return gpt.eval()
 

@@ -68,8 +68,7 @@ class LMHead(nn.Module):
 
 
 class BERT(VocabParallelLM):
-    family = "bert"
-    sequence_parallel = True  # parallel.sequence (mtlm/model/build.py: check_parallel_axes)
+    family = "bert"  # its spec (mtlm/model/spec.py): objective, stages, recompute, sequence parallelism
 
     def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
                  activation_checkpointing: bool = False) -> None:

@@ -2,29 +2,22 @@
 hydra.utils.instantiate builds it, so train.py, load_model and the converters never name a family.
 
 Every model class takes (model config, vocab_size, ParallelState, device=, dtype=, activation_checkpointing=)
-and has a `family` ("gpt", "bert"): the training objective and data that go with it (mtlm/train/objective.py).
+and has a `family` ("gpt", "bert"), whose spec (mtlm/model/spec.py) says everything else about it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from torch import nn
 
-from mtlm.config import ATTENTION_IMPLS, GPT_TARGET
+from mtlm.config import ATTENTION_IMPLS
 from mtlm.errors import ConfigError
 from mtlm.model.alibi import validate_position_options
+from mtlm.model.spec import SPECS, model_class, model_target, spec_for
 from mtlm.model.transformer import ACTIVATIONS, LAYERNORM_ORDERS
 from mtlm.parallel.state import ParallelState
-
-
-def model_target(cfg: Any) -> str:
-    return getattr(cfg, "_target_", None) or GPT_TARGET
-
-
-def model_class(cfg: Any) -> type[nn.Module]:
-    return get_class(model_target(cfg))
 
 
 def build_model(cfg: Any, vocab_size: int, state: ParallelState, **kwargs: Any) -> nn.Module:
@@ -34,15 +27,14 @@ def build_model(cfg: Any, vocab_size: int, state: ParallelState, **kwargs: Any) 
 
 
 def check_parallel_axes(m: Any, p: Any) -> None:
-    """The axes a model class supports beyond tensor x data: each class says so (`sequence_parallel`,
-    `pipeline_parallel`); a family that cannot do one yet is refused with one line, not run wrongly."""
-    cls = model_class(m)
-    if p.get("sequence", False) and not getattr(cls, "sequence_parallel", False):
+    """The axes a model family supports beyond tensor x data: its spec says so; a family that cannot do one yet
+    is refused with one line, not run wrongly."""
+    spec = spec_for(m)
+    if p.get("sequence", False) and not spec.sequence_parallel:
         raise ConfigError("parallel.sequence", f"{model_target(m)} does not support sequence parallelism yet "
                           "(GPT, BLOOM and BERT do); set parallel.sequence=false")
-    if p.get("pipeline", 1) > 1 and not getattr(cls, "pipeline_parallel", False):
-        raise ConfigError("parallel.pipeline", f"{model_target(m)} cannot be split into pipeline stages yet "
-                          "(GPT and BLOOM can); set parallel.pipeline=1")
+    if p.get("pipeline", 1) > 1 and spec.split_stages is None:
+        raise ConfigError("parallel.pipeline", f"{model_target(m)} {spec.not_pipelined}; set parallel.pipeline=1")
 
 
 def validate_model_config(m: Any) -> None:
@@ -51,14 +43,15 @@ def validate_model_config(m: Any) -> None:
         cls = model_class(m)
     except Exception as err:  # hydra wraps import errors in several types; one line is all the user needs
         raise ConfigError("model._target_", f"cannot import {model_target(m)!r} ({type(err).__name__})") from None
-    if getattr(cls, "family", None) not in ("gpt", "bert"):
+    if getattr(cls, "family", None) not in SPECS:
         raise ConfigError("model._target_", f"{model_target(m)} is not an mtlm model class (no known `family`)")
     if m.activation not in ACTIVATIONS:
         raise ConfigError("model.activation", f"must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}")
     if m.layernorm_order not in LAYERNORM_ORDERS:
         raise ConfigError("model.layernorm_order", f"must be pre or post, got {m.layernorm_order!r}")
-    validate_position_options(m, cls.family)
-    if cls.family == "bert" and m.seq_length < 5:
+    family = spec_for(m).family
+    validate_position_options(m, family)
+    if family == "bert" and m.seq_length < 5:
         raise ConfigError("model.seq_length", f"BERT samples ([CLS] A [SEP] B [SEP]) need >= 5, got {m.seq_length}")
 
 

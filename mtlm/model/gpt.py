@@ -50,9 +50,7 @@ def num_parameters(num_layers: int, hidden: int, padded_vocab: int, max_position
 
 
 class GPT(VocabParallelLM):
-    family = "gpt"  # mtlm/model/build.py: its objective is next-token LM (train/objective.py)
-    sequence_parallel = True  # parallel.sequence (mtlm/model/build.py: check_parallel_axes)
-    pipeline_parallel = True  # parallel.pipeline: mtlm/model/stages.py splits it into stages
+    family = "gpt"  # its spec (mtlm/model/spec.py): objective, stages, recompute, sequence parallelism
 
     def __init__(self, cfg: Any, vocab_size: int, state: ParallelState, device=None, dtype=None,
                  activation_checkpointing: bool = False) -> None:

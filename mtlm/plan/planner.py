@@ -13,6 +13,7 @@ from typing import Any
 from mtlm.data.build import build_data
 from mtlm.errors import ConfigError
 from mtlm.metrics import flops, memory
+from mtlm.model.spec import spec_for
 from mtlm.parallel.state import Grid
 from mtlm.plan import perf, pipeline, probe, sizing
 from mtlm.train.objective import objective_for
@@ -164,7 +165,7 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     dtype, recompute = cfg.precision.dtype, bool(t.activation_checkpointing)
     vocab, vocab_source = plan_vocab_size(cfg)
     rank = sizing.size_rank(m, vocab, p.tensor)
-    gpt = objective_for(m).__class__.__name__ == "CausalLM"  # the analytic count is GPT-2's
+    gpt = spec_for(m).family == "gpt"  # the analytic count is GPT-2's
     analytic = sizing.analytic_params_per_rank(m, rank.padded_vocab_size, p.tensor) if gpt else None
     grid = Grid.of(p)
     stages, virtual = grid.pipeline, int(p.get("virtual_stages", 1) or 1)
@@ -247,7 +248,7 @@ def make_plan(cfg: Any) -> dict[str, Any]:
     tokens = t.global_batch_size * m.seq_length
     plan = {
         "cluster": cluster["name"], "device": cluster["device"], "model": m.name,
-        "family": objective_for(m).__class__.__name__,
+        "family": spec_for(m).objective,
         "tensor": p.tensor, "data": p.data, "devices": devices, "precision": dtype, "recompute": recompute,
         "optimizer": m_target(cfg.optimizer), "shard_optimizer": bool(t.shard_optimizer),
         "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,

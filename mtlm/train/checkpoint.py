@@ -58,10 +58,10 @@ from mtlm.checkpoint.format import (
     step_dirs,
     write_json,
 )
-from mtlm.config import model_option
+from mtlm.config import GPT_TARGET, model_option
 from mtlm.data.text_tokenizer import check_same_tokenizer
 from mtlm.errors import ConfigError
-from mtlm.model.build import GPT_TARGET, model_target
+from mtlm.model.spec import model_target
 from mtlm.parallel import random as rng
 from mtlm.parallel.state import ParallelState
 from mtlm.train.optim_state import read_state, state_slice

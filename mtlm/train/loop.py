@@ -29,6 +29,7 @@ from mtlm.metrics.flops import peak_tflops
 from mtlm.metrics.memory import SavedActivations, gradient_bytes, optimizer_state_bytes, parameter_bytes
 from mtlm.metrics.sinks import MetricsLogger, build_logger
 from mtlm.model.build import build_model
+from mtlm.model.spec import spec_for
 from mtlm.parallel import preempt
 from mtlm.parallel.random import seed_streams
 from mtlm.parallel.sequence_grads import sum_sequence_parallel_grads_
@@ -70,7 +71,9 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_length
 
         seed_streams(t.seed, state.tp_rank, state.device)
-        # The model family (model._target_) decides the samples, the loss and the FLOPs (train/objective.py).
+        # The model family's spec (mtlm/model/spec.py) decides the samples, the loss and the FLOPs (its
+        # objective, train/objective.py), and which modules activation checkpointing recomputes.
+        self.spec = spec_for(cfg.model)
         self.objective = objective_for(cfg.model)
         self.data = self.objective.build_data(cfg.data, cfg.model.seq_length, t.seed)
         vocab = cfg.model.vocab_size or self.data.tokenizer.vocab_size
@@ -128,7 +131,7 @@ class Trainer:
         parts: dict[str, torch.Tensor] = {}  # the objective's loss terms and accuracies, for the log
         # Memory accounting hooks one forward of the first step only (metrics/memory.py), so no step pays.
         act = None if self.memory is not None or t.compile or self.pipeline is not None else SavedActivations(
-            self.params, self.model.blocks if t.activation_checkpointing else ())
+            self.params, self.spec.recompute(self.model) if t.activation_checkpointing else ())
         if self.pipeline is not None:
             loss_sum = self.pipeline.train_grads(rank_batch, norm)
         micro_batches = () if self.pipeline is not None else \

@@ -1,6 +1,7 @@
 """What a model family trains on: its samples, the loss of a micro-batch, validation metrics and FLOPs.
 
-The loop (mtlm/train/loop.py) is the same for every family; it asks `objective_for(cfg.model)` for these
+The loop (mtlm/train/loop.py) is the same for every family; it asks `objective_for(cfg.model)` (the objective
+its family's spec names, mtlm/model/spec.py) for these
 pieces. Losses are normalised over the *global* batch, so any data degree and micro-batch split gives the same
 step: each rank divides its sums by its share of the global denominator, micro-batch losses add up, and DDP
 averages over data ranks.
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from mtlm.data import DataBundle, build_data
 from mtlm.data.bert import build_bert_data
 from mtlm.metrics import flops
-from mtlm.model.build import model_class
+from mtlm.model.spec import spec_for
 from mtlm.parallel.state import ParallelState
 
 
@@ -112,9 +113,9 @@ class MaskedLM:
                 flops.bert_hardware_flops_per_iteration(*args, recompute=recompute))
 
 
-OBJECTIVES = {"gpt": CausalLM, "bert": MaskedLM}
+OBJECTIVES = {cls.__name__: cls for cls in (CausalLM, MaskedLM)}  # by the name a ModelSpec gives
 
 
 def objective_for(model_cfg: Any) -> CausalLM | MaskedLM:
-    """The objective of the family that `model._target_` names."""
-    return OBJECTIVES[model_class(model_cfg).family]()
+    """The objective that the spec of `model._target_`'s family names (mtlm/model/spec.py)."""
+    return OBJECTIVES[spec_for(model_cfg).objective]()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtlm.model.stages import split_into_stages
+from mtlm.model.spec import spec_for
 from mtlm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mtlm.parallel.pipeline import build_schedule, stage_ids
 from mtlm.parallel.state import ParallelState
@@ -47,7 +47,7 @@ class PipelineRunner:
         self.num_stages = state.pipeline * p.virtual_stages
         ids = stage_ids(state.pp_rank, state.pipeline, p.virtual_stages)
         self.first, self.last = 0 in ids, self.num_stages - 1 in ids
-        self.stages = split_into_stages(model, ids, self.num_stages)
+        self.stages = spec_for(cfg.model).split_stages(model, ids, self.num_stages)  # validated: not None
         self.micro_batches = t.global_batch_size // (t.micro_batch_size * state.data)
         self._norm = 1.0  # this step's loss denominator (set per step) ...
         self._scale = True  # ... and whether the loss is scaled (training) or a plain token mean (evaluation)
