@@ -286,6 +286,10 @@ class ClusterConfig:
     # Pipeline sends: each tensor rank sends 1/t of the b·s·h activations and the next stage all-gathers them
     # (SC'21 §4.1's scatter/gather, Megatron-LM's code); false: every rank sends all of them (mtlm).
     p2p_scatter_gather: bool = False
+    # mtlm's autocast keeps the embedding output and the layer norms' outputs fp32, so their tensor-parallel
+    # all-reduces (the embedding's g, backward's f) are fp32 (true). Megatron-LM's fp16 code runs the whole
+    # model in half precision: all in the compute dtype (false).
+    tensor_parallel_fp32: bool = True
     calibration: CalibrationPoint = field(default_factory=CalibrationPoint)
 
 

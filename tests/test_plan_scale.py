@@ -248,3 +248,12 @@ def test_cpu_check_issue23_layouts_are_valid(name: str) -> None:
     assert compose_error(CONF, overrides) is None
     cfg = plan_config(*overrides, "cluster=dgx_a100", "trainer.device=auto")
     assert cfg.parallel.tensor * cfg.parallel.data * cfg.parallel.pipeline <= 2
+
+
+def test_half_model_sends_every_tensor_parallel_allreduce_in_fp16() -> None:
+    """Megatron's fp16 code (selene_a100): the embedding's g and backward's f are fp16 like the layers' g; the
+    loss's three b·s all-reduces stay fp32. 2 layers, b 1, s 8, h 4: bsh = 32 values."""
+    mtlm_colls = perf.tensor_parallel_collectives(2, 1, 8, 4, 2, False)
+    half = perf.tensor_parallel_collectives(2, 1, 8, 4, 2, False, half_model=True)
+    assert sum(c.count * c.nbytes for c in mtlm_colls) == 4 * 32 * 2 + 32 * 4 + 3 * 8 * 4 + 4 * 32 * 4 + 32 * 4
+    assert sum(c.count * c.nbytes for c in half) == 4 * 32 * 2 + 32 * 2 + 3 * 8 * 4 + 4 * 32 * 2 + 32 * 2

@@ -54,16 +54,19 @@ class Collective:
 
 
 def tensor_parallel_collectives(layers: int, micro_batch: int, seq: int, hidden: int, compute_bytes: int,
-                                recompute: bool) -> list[Collective]:
-    """The all-reduces one micro-batch does inside a tensor group (mtlm/model, mtlm/parallel/cross_entropy)."""
+                                recompute: bool, half_model: bool = False) -> list[Collective]:
+    """The all-reduces one micro-batch does inside a tensor group (mtlm/model, mtlm/parallel/cross_entropy).
+    `half_model`: Megatron-LM's fp16 code, whose model is in half precision, so its embedding output and the
+    layer norm's output, and their all-reduces, are fp16 too (cluster.tensor_parallel_fp32: false)."""
     bsh, bs = micro_batch * seq * hidden, micro_batch * seq
+    wide = compute_bytes if half_model else 4
     out = [Collective("forward", "layer g (attention out, MLP out)", 2 * layers, bsh, compute_bytes),
-           Collective("forward", "embedding g", 1, bsh, 4),
+           Collective("forward", "embedding g", 1, bsh, wide),
            Collective("forward", "cross-entropy (max, sum exp, target)", 3, bs, 4)]
     if recompute:
         out.append(Collective("recompute", "layer g, rerun", 2 * layers, bsh, compute_bytes))
-    out += [Collective("backward", "layer f (qkv in, MLP in; fp32 layer-norm output)", 2 * layers, bsh, 4),
-            Collective("backward", "output layer f", 1, bsh, 4)]
+    out += [Collective("backward", "layer f (qkv in, MLP in; fp32 layer-norm output)", 2 * layers, bsh, wide),
+            Collective("backward", "output layer f", 1, bsh, wide)]
     return out
 
 

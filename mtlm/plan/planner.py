@@ -198,7 +198,8 @@ def make_plan(cfg: Any) -> dict[str, Any]:
 
     # Tensor-parallel all-reduces: micro-batches per step x one micro-batch's collectives, inside a node.
     colls = perf.tensor_parallel_collectives(layers_here, t.micro_batch_size, m.seq_length, m.hidden_size,
-                                             sizing.compute_bytes(dtype), recompute)
+                                             sizing.compute_bytes(dtype), recompute,
+                                             half_model=not cfg.cluster.get("tensor_parallel_fp32", True))
     intra = (cluster["intra_node_bw_gbps"], cluster["intra_node_step_latency_us"],
              cluster["collective_base_latency_us"])
     if p.tensor > cluster["devices_per_node"]:  # the paper keeps a tensor group inside one server (Fig. 8)
