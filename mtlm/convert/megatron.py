@@ -26,7 +26,7 @@ import torch
 
 from mtlm.config import BERT_TARGET, CONF_DIR, GPT_TARGET, model_option
 from mtlm.convert import common
-from mtlm.convert.common import reorder_qkv
+from mtlm.convert.common import NameMap, reorder_qkv
 from mtlm.convert.megatron_files import rank_files
 from mtlm.convert.megatron_tokenizer import import_tokenizer
 from mtlm.convert.pickles import safe_load
@@ -43,21 +43,25 @@ LAYER_NAMES = {
     "mlp.fc": ("mlp.dense_h_to_4h", "mlp.dense_h_to_4h"),
     "mlp.proj": ("mlp.dense_4h_to_h", "mlp.dense_4h_to_h"),
 }
-_LAYER = re.compile(r"(?:transformer|encoder)\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_FROM_MEGATRON = {m: ours for ours, names in LAYER_NAMES.items() for m in names}
-# Whole-model tensors: Megatron's name (after `language_model.`; `embedding.` is absent in 2019 files) -> mtlm's.
-GLOBAL_NAMES = {
-    r"(?:embedding\.)?word_embeddings\.weight": "wte.weight",
-    r"(?:embedding\.)?position_embeddings\.weight": "wpe.weight",
-    r"(?:transformer|encoder)\.final_layernorm\.(weight|bias)": r"ln_f.\1",
-    # Megatron-BERT's: token types, pooler (under language_model), LM head and binary head (beside it).
-    r"(?:embedding\.)?tokentype_embeddings\.weight": "tte.weight",
-    r"pooler\.dense\.(weight|bias)": r"pooler.\1",
-    r"lm_head\.dense\.(weight|bias)": r"lm_head.dense.\1",
-    r"lm_head\.(?:layernorm|norm)\.(weight|bias)": r"lm_head.ln.\1",
-    r"lm_head\.bias": "lm_head.bias",
-    r"binary_head\.(weight|bias)": r"sop_head.\1",
+_WB = ("weight", "bias")
+_WRITTEN_TOP = {  # mtlm's name -> Megatron-LM 2.x / 3.0's (after `language_model.`; the heads beside it)
+    "wte.weight": "embedding.word_embeddings.weight", "wpe.weight": "embedding.position_embeddings.weight",
+    "tte.weight": "embedding.tokentype_embeddings.weight",  # Megatron-BERT's from here on
+    **{f"ln_f.{w}": f"encoder.final_layernorm.{w}" for w in _WB}, **{f"pooler.{w}": f"pooler.dense.{w}" for w in _WB},
+    **{f"lm_head.dense.{w}": f"lm_head.dense.{w}" for w in _WB},
+    **{f"lm_head.ln.{w}": f"lm_head.layernorm.{w}" for w in _WB}, "lm_head.bias": "lm_head.bias",
+    **{f"sop_head.{w}": f"binary_head.{w}" for w in _WB},
 }
+_OLDER_TOP = {  # what 2019 and 1.x files call them: no `embedding.`, `transformer.`, lm_head's `norm`
+    "word_embeddings.weight": "wte.weight", "position_embeddings.weight": "wpe.weight",
+    "tokentype_embeddings.weight": "tte.weight", **{f"transformer.final_layernorm.{w}": f"ln_f.{w}" for w in _WB},
+    **{f"lm_head.norm.{w}": f"lm_head.ln.{w}" for w in _WB},
+}
+# Megatron GPT-2 / BERT names of every generation (after `language_model.`) <-> mtlm's.
+NAMES = NameMap(("encoder.layers.{}.", "transformer.layers.{}."),
+                {f"{k}.{w}": f"{v[1]}.{w}" for k, v in LAYER_NAMES.items() for w in _WB}, _WRITTEN_TOP,
+                read_layer={f"{v[0]}.{w}": f"{k}.{w}" for k, v in LAYER_NAMES.items() for w in _WB},
+                read_top=_OLDER_TOP)
 VERSIONS = (0, 1.0, 2.0, 3.0)
 QKV_ORDERS = {0: "3hd", 1.0: "hd3"}  # the fused qkv rows' order by checkpoint_version (common.reorder_qkv)
 
@@ -75,14 +79,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def mtlm_name(name: str) -> str | None:
     """A Megatron GPT-2 or BERT parameter name (any generation) -> mtlm's, or None if it is not one."""
-    name = re.sub(r"^(?:module\.)*(?:language_model\.)?", "", name)
-    m = _LAYER.match(name)
-    if m and m[2] in _FROM_MEGATRON:
-        return f"blocks.{m[1]}.{_FROM_MEGATRON[m[2]]}.{m[3]}"
-    for pattern, ours in GLOBAL_NAMES.items():
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, ours, name)
-    return None
+    return NAMES.ours(re.sub(r"^(?:module\.)*(?:language_model\.)?", "", name))
 
 
 def qkv_to_mtlm(rows: torch.Tensor, version: float, heads: int) -> torch.Tensor:

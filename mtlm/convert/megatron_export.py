@@ -19,7 +19,7 @@ import torch
 
 from mtlm.config import BERT_TARGET, model_option
 from mtlm.convert.common import pad_vocab
-from mtlm.convert.megatron import LAYER_NAMES
+from mtlm.convert.megatron import LAYER_NAMES, NAMES
 from mtlm.convert.megatron_files import TRACKER
 from mtlm.convert.megatron_tokenizer import MEGATRON_TOKENIZERS, export_tokenizer
 from mtlm.convert.writer import read_checkpoint
@@ -46,9 +46,8 @@ WHERE = {
 
 def megatron_place(name: str) -> tuple[tuple[str, ...], str]:
     """Where mtlm's parameter `name` goes in a version 3.0 file's `model` dict."""
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m:
-        return ("language_model", "encoder"), f"layers.{m[1]}.{LAYER_NAMES[m[2]][1]}.{m[3]}"
+    if name.startswith("blocks."):  # the encoder's flat `layers.N.<2.x name>` (the name map's written names)
+        return ("language_model", "encoder"), NAMES.theirs(name).removeprefix("encoder.")
     if name not in WHERE:
         raise CheckpointError(f"parameter {name} has no place in a Megatron-LM GPT-2 / BERT checkpoint")
     return WHERE[name]
