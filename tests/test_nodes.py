@@ -56,15 +56,10 @@ def test_nodes_have_their_own_names_and_addresses(nodes) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_node_torchrun_equals_one_node(tmp_path: Path, nodes) -> None:
+def test_two_node_torchrun_equals_one_node(tmp_path: Path, nodes, one_node_run: Path) -> None:
     """data=2 with one rank per node (torchrun --nnodes 2, static rendezvous at node 1's hostname) against the
     same run's two ranks spawned on one machine: same per-step losses and same final weights and Adam state."""
-    env = dict(os.environ, MTLM_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT))
-    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, f"checkpoint.dir={tmp_path / 'ck1'}",
-                          f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    env = dict(os.environ, MTLM_CACHE_DIR=str(one_node_run / "cache"), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     procs = []
     for rank, node in enumerate(nodes):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
@@ -75,6 +70,6 @@ def test_two_node_torchrun_equals_one_node(tmp_path: Path, nodes) -> None:
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    want, got = losses(one_node_run / "run"), losses(tmp_path / "two")
     assert sorted(got) == list(range(1, 7)) and got == want
-    assert_identical(tmp_path / "ck1" / "step_00000006", tmp_path / "ck2" / "step_00000006")
+    assert_identical(one_node_run / "ck" / "step_00000006", tmp_path / "ck2" / "step_00000006")

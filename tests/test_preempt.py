@@ -16,10 +16,10 @@ import pytest
 
 from mtlm.checkpoint.format import latest_checkpoint, read_metadata
 from mtlm.parallel import preempt
-from tests.test_resume import TINY, assert_identical, losses
+from tests.test_nodes import RUN
+from tests.test_resume import assert_identical, losses
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["trainer.max_steps=8", "trainer.num_threads=1", "trainer.eval_iters=1"]
 
 
 def _env(cache: Path, **extra: str) -> dict:
@@ -29,7 +29,7 @@ def _env(cache: Path, **extra: str) -> dict:
 def _cmd(cwd: Path, name: str, *overrides: str, torchrun: bool = False) -> list[str]:
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun \
         else [sys.executable]
-    return [*head, str(ROOT / "train.py"), *TINY, *STEPS, "parallel.tensor=2", *overrides,
+    return [*head, str(ROOT / "train.py"), *RUN, *overrides,
             f"hydra.run.dir={cwd / name}"]
 
 
@@ -41,27 +41,18 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cwd = tmp_path_factory.mktemp("straight")
-    proc = subprocess.run(_cmd(cwd, "run", f"checkpoint.dir={cwd / 'ck'}"), cwd=cwd, env=_env(cwd / "cache"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher,sig", [("local", signal.SIGUSR1), ("torchrun", signal.SIGTERM)])
-def test_stop_signal_saves_and_resume_is_bit_equal(tmp_path: Path, straight: Path, launcher: str,
+def test_stop_signal_saves_and_resume_is_bit_equal(tmp_path: Path, one_node_run: Path, launcher: str,
                                                    sig: signal.Signals) -> None:
     """Rank 0 holds after step 3; the signal goes to the launcher (train.py, or torchrun's agent), which passes
     it on; both ranks finish the step, step 3 is saved, the run exits 128 + signal. checkpoint.resume=auto
-    then runs to step 8 and ends with the uninterrupted run's loss, weights and Adam state, bit for bit."""
+    then runs to step 6 and ends with the uninterrupted run's loss, weights and Adam state, bit for bit."""
     ck, hold = tmp_path / "ck", tmp_path / "go"
     torchrun = launcher == "torchrun"
     proc = subprocess.Popen(_cmd(tmp_path, "stopped", f"checkpoint.dir={ck}", torchrun=torchrun), cwd=tmp_path,
-                            env=_env(straight / "cache", MTLM_HOLD_AT_STEP=f"3:{hold}"),
+                            env=_env(one_node_run / "cache", MTLM_HOLD_AT_STEP=f"3:{hold}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(Path(f"{hold}.reached"), proc)
@@ -80,12 +71,12 @@ def test_stop_signal_saves_and_resume_is_bit_equal(tmp_path: Path, straight: Pat
     assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["stopped_by"] == sig.name
 
     done = subprocess.run(_cmd(tmp_path, "resumed", f"checkpoint.dir={ck}", "checkpoint.resume=auto"),
-                          cwd=tmp_path, env=_env(straight / "cache"), capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=_env(one_node_run / "cache"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "at step 3" in done.stdout
-    want, got = losses(straight / "run"), losses(tmp_path / "resumed")
-    assert sorted(got) == list(range(4, 9)) and got == {s: want[s] for s in range(4, 9)}
-    assert_identical(straight / "ck" / "step_00000008", ck / "step_00000008")
+    want, got = losses(one_node_run / "run"), losses(tmp_path / "resumed")
+    assert sorted(got) == [4, 5, 6] and got == {s: want[s] for s in (4, 5, 6)}
+    assert_identical(one_node_run / "ck" / "step_00000006", ck / "step_00000006")
 
 
 def test_requeue_only_on_slurm_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

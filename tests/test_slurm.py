@@ -37,15 +37,10 @@ def cluster():
                                                                  text=True).stdout
 
 
-@pytest.fixture(scope="module")
-def one_node(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: the same run, its two ranks spawned on one machine."""
-    cwd = tmp_path_factory.mktemp("one_node")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, f"checkpoint.dir={cwd / 'ck'}",
-                           f"hydra.run.dir={cwd / 'run'}"], cwd=cwd, env=_env(cwd), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd
+@pytest.fixture
+def one_node(one_node_run: Path) -> Path:
+    """The reference: the same run, its two ranks spawned on one machine (tests/conftest.py)."""
+    return one_node_run
 
 
 def _env(cwd: Path, **extra: str) -> dict:

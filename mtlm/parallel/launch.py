@@ -105,8 +105,10 @@ def _spawn_and_join(fn: Callable[..., Any], world_size: int, args: tuple) -> Non
     try:
         while True:
             alive = [p.sentinel for p in ctx.processes if p.exitcode is None]
-            if alive:
-                wait(alive, timeout=1.0)
+            ready = wait(alive, timeout=1.0) if alive else []
+            for p in ctx.processes:
+                if p.sentinel in ready:
+                    p.join(timeout=5)  # its pipe closes a moment before it can be reaped: its exit code
             killed += _kill_stopped_after_failure(ctx.processes)
             if ctx.join(timeout=0):
                 return
