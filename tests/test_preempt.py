@@ -96,3 +96,14 @@ def test_requeue_only_on_slurm_warning(tmp_path: Path, monkeypatch: pytest.Monke
     assert line.startswith("could not requeue SLURM job 13 (Job is not requeueable)") and "\n" not in line
     assert log.read_text().splitlines() == ["requeue 42", "requeue 13"]
     assert preempt.exit_status(signal.SIGTERM) == 143 and preempt.exit_status(signal.SIGUSR1) == 138
+
+
+def test_install_outside_the_main_thread_keeps_the_defaults() -> None:
+    """signal.signal raises outside the main thread: a run started from another thread keeps the defaults."""
+    import threading
+
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(preempt.install()))
+    worker.start()
+    worker.join(timeout=30)
+    assert got == [{}] and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterable
 
 import torch
@@ -49,6 +50,8 @@ def install(forward_to: Callable[[], Iterable[int]] | None = None) -> dict[int, 
             except ProcessLookupError:
                 pass
 
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # Python runs signal handlers in the main thread only; a run in another thread keeps the defaults
     return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
 
