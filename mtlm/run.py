@@ -56,7 +56,10 @@ def _worker(env: RankEnv, cfg_dict: dict, out_dir: str | None) -> None:
     finally:
         if beat is not None:
             beat.stop()
-        state.destroy()
+    # Only after success: a failed rank with peers keeps its group open until its process exits, after
+    # torch.multiprocessing has written its error, so the launcher's root cause (the first error written,
+    # launch._root_cause) is this rank's and not a peer's "connection closed".
+    state.destroy()
 
 
 def run(cfg: DictConfig, out_dir: str | None) -> None:
