@@ -26,7 +26,7 @@ from mtlm.parallel import preempt
 from mtlm.parallel.denormals import flush_denormals, flush_warning
 from mtlm.parallel.launch import RankEnv, backend_for, launch, rank_device, threads_per_rank
 from mtlm.parallel.state import Grid, ParallelState
-from mtlm.parallel.watchdog import Heartbeat, RankHung, check_master
+from mtlm.parallel.watchdog import Heartbeat, RankHung, check_master, hosts_own_store
 from mtlm.plan.planner import precision_warning
 from mtlm.rank_env import detect_rank_env, env_world_size, is_rank_zero
 from mtlm.train.checkpoint import check_before_launch, latest_checkpoint
@@ -79,9 +79,8 @@ def run(cfg: DictConfig, out_dir: str | None) -> None:
 def _run(cfg: DictConfig, out_dir: str | None, held: list[WriterLock]) -> None:
     try:
         validate(cfg, env_world_size())
-        if (env := detect_rank_env(os.environ)) is not None and not (env.kind == "slurm" and env.rank == 0):
-            # Several nodes: the master must not be loopback and its store must answer (rank 0 under SLURM
-            # hosts the store itself; torchrun's agent already made it), in a bounded time.
+        if (env := detect_rank_env(os.environ)) is not None and not hosts_own_store(env.rank, os.environ):
+            # Several nodes: the master must not be loopback and its store must answer, in a bounded time.
             check_master(env.master_addr, env.master_port, env.world_size > env.local_world_size,
                          min(float(cfg.parallel.timeout_s), 60.0))
         prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, cfg.trainer.seed)

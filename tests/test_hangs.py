@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mtlm.errors import ConfigError
-from mtlm.parallel.watchdog import check_master, wait_for_store
+from mtlm.parallel.watchdog import check_master, hosts_own_store, wait_for_store
 from tests.test_resume import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,14 @@ def test_unreachable_store_gives_up_within_the_bound() -> None:
         start = time.monotonic()
         wait_for_store("127.0.0.1", server.getsockname()[1], 10)
         assert time.monotonic() - start < 2
+
+
+def test_rank_zero_waits_for_a_store_only_when_the_agent_hosts_it() -> None:
+    """Rank 0 starts the store itself (SLURM, torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): waiting for it
+    first would wait for itself until the bound (the lost-node test in tests/test_nodes.py hit that)."""
+    assert hosts_own_store(0, {}) and hosts_own_store(0, {"TORCHELASTIC_USE_AGENT_STORE": "False"})
+    assert not hosts_own_store(0, {"TORCHELASTIC_USE_AGENT_STORE": "True"})
+    assert not hosts_own_store(1, {}) and not hosts_own_store(1, {"TORCHELASTIC_USE_AGENT_STORE": "False"})
 
 
 def _env(tmp_path: Path, **extra: str) -> dict:

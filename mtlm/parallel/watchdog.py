@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -61,6 +61,14 @@ def wait_for_store(addr: str, port: int, bound_s: float) -> None:
     raise ConfigError("MASTER_ADDR", f"the store at {addr}:{port} did not answer {socket.gethostname()} within "
                       f"{bound_s:g} s ({why}): check that rank 0's node runs, that MASTER_ADDR / MASTER_PORT are "
                       "the same on every node and that the port is open between the nodes")
+
+
+def hosts_own_store(rank: int, environ: Mapping[str, str]) -> bool:
+    """Whether this rank starts the rendezvous store itself, so must not wait for it before joining: rank 0
+    does (env:// init) under SLURM, a hand-set RANK / WORLD_SIZE, and torchrun when its agent does not share its
+    own store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which a lost node needs: docs/clusters.md); only under a
+    sharing agent (TORCHELASTIC_USE_AGENT_STORE=True) is rank 0's store already up."""
+    return rank == 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
 
 
 def check_master(addr: str | None, port: int | None, nodes_spanned: bool, bound_s: float) -> None:
