@@ -85,20 +85,29 @@ def test_warning_signal_saves_requeues_and_resumes_bit_equal(tmp_path: Path, clu
     assert cluster.run(["scancel", "--signal=USR1", job]).returncode == 0
     time.sleep(1.0)
     hold.touch()
-    released = False
+    released = retried = False
     while (info := _job(cluster, job)).get("JobState") != "COMPLETED":
-        if not released and info.get("Restarts") == "1" and info.get("JobState") == "PENDING" and \
+        if info.get("JobState") == "FAILED" and info.get("RunTime") == "00:00:00" and not retried:
+            # Seen once in a full CI run (never alone, nor under load): the local Slurm failed the requeued job
+            # before it ran (FAILED, ExitCode 1:0, RunTime 0, nothing of ours in slurm.out; cause not found). Our
+            # part, the save and the requeue, had happened: requeue it once more, as an operator would, and check
+            # the resumed run as before. A run of ours that fails takes seconds and prints, so it is not retried.
+            assert cluster.run(["scontrol", "requeue", job]).returncode == 0
+            retried, released = True, False
+            continue
+        if not released and info.get("Restarts") != "0" and info.get("JobState") == "PENDING" and \
                 set(cluster.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split()) == {"idle"}:
             # Slurm holds a requeued job back for a while (its begin time moves ~2 minutes on): once the nodes
             # have finished its first run, start it now.
             released = cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
         assert time.monotonic() < deadline and info.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT"), \
-            f"{info}\n{(tmp_path / 'slurm.out').read_text()[-3000:]}"
+            f"{info}\n{(tmp_path / 'slurm.out').read_text()[-3000:]}\n{cluster.logs()}"
         time.sleep(0.5)
     log = (tmp_path / "slurm.out").read_text()
     assert "SIGUSR1: every rank finished step 3, checkpoint saved; stopping" in log, log[-3000:]
-    assert f"requeued SLURM job {job}" in log and info.get("Restarts") == "1"
-    want, got = losses(one_node / "run"), losses(tmp_path / "run1")
+    restarts = info.get("Restarts")
+    assert f"requeued SLURM job {job}" in log and restarts == ("2" if retried else "1")
+    want, got = losses(one_node / "run"), losses(tmp_path / f"run{restarts}")
     assert sorted(got) == [4, 5, 6] and got == {s: want[s] for s in (4, 5, 6)}
     assert_identical(one_node / "ck" / "step_00000006", tmp_path / "ck" / "step_00000006")
 
